@@ -1,0 +1,448 @@
+"""SupSup, "Supermasks in Superposition" (Wortsman, Ramanujan et al., NeurIPS 2020), in one file.
+
+A network with fixed random weights W learns task t by learning only a binary mask M_t over W
+(a supermask). Finished masks are frozen, so nothing is ever forgotten. When the task is not
+given at test time, all masks are superposed, W * sum_i alpha_i M_i (paper Eq. 2), and the task
+is the alpha along which the output entropy falls fastest (paper Eq. 4).
+
+Sections: masks -> layers -> task control -> task inference -> run helpers (errors, CLI, files).
+Used by all four scenarios: GG (top-k masks, task given), GNs/GNu (threshold masks, task
+inferred) and NNs (task never given). The layers only hold state; the loops live in run_*.py.
+"""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------- masks
+
+
+class Threshold(torch.autograd.Function):
+    """M = 1[scores >= 0] with a straight-through gradient (GN/NNs; paper Sec. 4.2)."""
+
+    @staticmethod
+    def forward(ctx, scores):
+        return (scores >= 0).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class TopK(torch.autograd.Function):
+    """Keep the `density` fraction of largest entries (edge-popup), straight-through (GG)."""
+
+    @staticmethod
+    def forward(ctx, scores, density):
+        n = scores.numel()
+        keep = n - int((1 - density) * n)  # the original drops floor((1-density) n) entries
+        mask = torch.zeros_like(scores)
+        mask.view(-1)[scores.flatten().topk(keep, sorted=False).indices] = 1
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def mask_of(scores, density=None):
+    """The mask a layer's scores encode: top-k of |scores| at `density`, else scores >= 0."""
+    if density is None:
+        return Threshold.apply(scores)
+    return TopK.apply(scores.abs(), density)  # through abs, the score gets grad * sign(score)
+
+
+def _bits(device):
+    return torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
+
+
+def pack(mask):
+    """Bool/0-1 tensor [..., n] -> uint8 [..., ceil(n/8)], 1 bit per weight."""
+    m = F.pad(mask.to(torch.uint8), (0, -mask.shape[-1] % 8)).unflatten(-1, (-1, 8))
+    return (m * _bits(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack(packed, n, dtype=torch.float32):
+    """Inverse of pack: uint8 [..., ceil(n/8)] -> [..., n] of 0/1 in `dtype`."""
+    bits = (packed.unsqueeze(-1) & _bits(packed.device)).ne(0).flatten(-2)
+    return bits[..., :n].to(dtype)
+
+
+# ---------------------------------------------------------------------------------- layers
+
+
+class MaskedLayer(nn.Module):
+    """Fixed signed-constant weights, the current task's scores, and a bit-packed mask bank.
+
+    Which weights forward() uses:
+      superposed set   -> sum_i alpha_i (W * M_i) = W * sum_i alpha_i M_i (paper Eq. 2); it is
+                          [N] for one superposition or [D, N] for one per decision (the input is
+                          then [D, R, ...]);
+      task < learned   -> W * M_task from the bank (a finished task, frozen);
+      otherwise        -> W * mask_of(scores), the task being trained.
+    """
+
+    def __init__(self, shape, num_tasks, generator, density=None):
+        super().__init__()
+        self.fan_in = math.prod(shape[1:])
+        # signed Kaiming constant: +-sqrt(2 / fan_in), random signs, never trained (Sec. 3.1)
+        sign = torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+        self.register_buffer("weight", sign * math.sqrt(2 / self.fan_in))
+        self.register_buffer("bank", torch.zeros(num_tasks, -(-sign.numel() // 8), dtype=torch.uint8))
+        self.register_parameter("scores", None)
+        self.density = density  # None: threshold masks (GN/NNs); a fraction: top-k masks (GG)
+        self.task = 0
+        self.num_learned = 0
+        self.superposed = None
+
+    def new_scores(self, generator):
+        """Fresh scores for a new task: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as kaiming_uniform(a=sqrt 5)."""
+        bound = 1 / math.sqrt(self.fan_in)
+        s = torch.empty(self.weight.shape).uniform_(-bound, bound, generator=generator)
+        self.scores = nn.Parameter(s.to(self.weight.device))
+
+    def masks(self, lo, hi, dtype=torch.float32):
+        """Stored masks of tasks lo..hi-1 as a [hi-lo, N] tensor of 0/1."""
+        return unpack(self.bank[lo:hi], self.weight.numel(), dtype)
+
+    def weighted_masks(self, k):
+        """W * M_i for the first k tasks, [k, N]: the terms of the superposition."""
+        return self.weight.flatten() * self.masks(0, k)
+
+    def effective_weight(self):
+        if self.superposed is not None:
+            return self.superposed.view(*self.superposed.shape[:-1], *self.weight.shape)
+        if self.task < self.num_learned:
+            return self.weight * self.masks(self.task, self.task + 1).view_as(self.weight)
+        if self.scores is None:
+            raise RuntimeError(f"task {self.task} has no mask: call start_task first")
+        return self.weight * mask_of(self.scores, self.density)
+
+
+class MaskedLinear(MaskedLayer):
+    """y = x (W * M)^T, no bias (the paper's networks have none)."""
+
+    def __init__(self, in_features, out_features, num_tasks, generator, density=None):
+        super().__init__((out_features, in_features), num_tasks, generator, density)
+
+    def forward(self, x):
+        w = self.effective_weight()
+        return F.linear(x, w) if w.dim() == 2 else torch.bmm(x, w.transpose(1, 2))
+
+    def decision_grads(self, x, delta):
+        """dO_b/dW_eff = sum_r delta_r x_r^T per decision: x [D, R, in], delta [D, R, out]."""
+        return torch.bmm(delta.transpose(1, 2), x).flatten(1)
+
+
+class MaskedConv2d(MaskedLayer):
+    """conv2d(x, W * M), no bias."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, num_tasks, generator, density=None,
+                 stride=1, padding=0):
+        super().__init__((out_ch, in_ch, kernel_size, kernel_size), num_tasks, generator, density)
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x):
+        w = self.effective_weight()
+        if w.dim() == 4:  # one weight for all; any leading dims
+            y = F.conv2d(x.reshape(-1, *x.shape[-3:]), w, None, self.stride, self.padding)
+            return y.view(*x.shape[:-3], *y.shape[-3:])
+        # one weight per decision: x is [D, R, C, H, W]; fold the decisions into conv groups
+        D, R = x.shape[:2]
+        y = F.conv2d(x.transpose(0, 1).flatten(1, 2), w.flatten(0, 1), None, self.stride,
+                     self.padding, groups=D)
+        return y.unflatten(1, (D, -1)).transpose(0, 1)
+
+    def decision_grads(self, x, delta):
+        """dO_b/dW_eff per decision: x [D, R, C, H, W], delta [D, R, out, H', W'] -> [D, N]."""
+        D, R = x.shape[:2]
+        g = torch.nn.grad.conv2d_weight(x.transpose(0, 1).flatten(1, 2), (D * len(self.weight),
+                                        *self.weight.shape[1:]), delta.transpose(0, 1).flatten(1, 2),
+                                        self.stride, self.padding, groups=D)
+        return g.flatten().view(D, -1)
+
+
+# ---------------------------------------------------------------------------- task control
+
+
+def masked_layers(model):
+    return [m for m in model.modules() if isinstance(m, MaskedLayer)]
+
+
+def num_learned(model):
+    return masked_layers(model)[0].num_learned
+
+
+def task_generator(seed, *key):
+    """A torch.Generator keyed by (seed, *key): the same task gets the same draws in any run."""
+    state = np.random.SeedSequence([seed, *key]).generate_state(2, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)
+
+
+def set_task(model, t):
+    """Use task t's mask (stored, or the scores being trained when t == num_learned)."""
+    for m in masked_layers(model):
+        m.task, m.superposed = t, None
+
+
+def set_alphas(model, alphas):
+    """Superpose the learned masks: W * sum_i alphas[i] M_i (differentiable in alphas)."""
+    for m in masked_layers(model):
+        m.superposed = alphas @ m.weighted_masks(alphas.shape[-1])
+
+
+def start_task(model, seed):
+    """Draw fresh scores for the next task and make it current; returns them for the optimizer."""
+    t = num_learned(model)
+    g = task_generator(seed, t, 3)
+    for m in masked_layers(model):
+        m.new_scores(g)
+    set_task(model, t)
+    return [m.scores for m in masked_layers(model)]
+
+
+@torch.no_grad()
+def finish_task(model):
+    """Freeze the current task: store its binary mask in the bank and drop the float scores."""
+    for m in masked_layers(model):
+        m.bank[m.num_learned] = pack(mask_of(m.scores, m.density).flatten() > 0)
+        m.num_learned += 1
+        m.scores = None
+
+
+def bank_state(model):
+    """The learned part of every layer's bank (what a checkpoint needs besides the seed)."""
+    return [m.bank[: m.num_learned].clone().cpu() for m in masked_layers(model)]
+
+
+@torch.no_grad()
+def load_bank_state(model, banks):
+    for m, b in zip(masked_layers(model), banks):
+        m.bank[: len(b)] = b.to(m.bank.device)
+        m.num_learned = len(b)
+
+
+# -------------------------------------------------------------------------- task inference
+
+
+def entropy(logits):
+    """H: softmax entropy per row (paper Eq. 4)."""
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+
+
+def superfluous(logits, real=10):
+    """G: logsumexp over all outputs, with the gradient stopped on the `real` label outputs.
+
+    Its gradient on the superfluous outputs equals that of the training cross-entropy
+    (paper Sec. 3.6), so the right mask is the one along which their mass falls fastest.
+    """
+    return torch.cat([logits[..., :real].detach(), logits[..., real:]], -1).logsumexp(-1)
+
+
+OBJECTIVES = {"entropy": entropy, "g": superfluous}
+
+
+def alpha_grads(model, x, weights, alphas, objective, wmasks):
+    """d O_b / d alpha for D independent decisions b, each with its own superposition.
+
+    x [D, R, ...]: the R inputs of each decision; weights [D, R]: their weights in O_b
+    (1/R each, 0 for padding); alphas [k] (one superposition for all) or [D, k]; wmasks: per
+    masked layer W * M_i of the k learned tasks, [k, N]. Uses, layer by layer,
+        d O_b / d alpha_i = <W * M_i, d O_b / d W_eff>   (reference Sec. 3.4):
+    one superposed forward and a backward to the layer outputs give each decision's
+    dO_b/dW_eff ([D, N]); one matrix product with the masks then gives all k alphas.
+    Returns [D, k]; equals autograd through set_alphas (checked in the tests).
+    """
+    layers, seen = masked_layers(model), {}
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.update({m: (i[0], o)})) for m in layers]
+    try:
+        with torch.enable_grad():
+            for m, WM in zip(layers, wmasks):
+                m.superposed = (alphas @ WM).requires_grad_()  # puts the outputs in the graph
+            obj = (objective(model(x)) * weights).sum()
+            deltas = torch.autograd.grad(obj, [seen[m][1] for m in layers])
+    finally:
+        for m in layers:
+            m.superposed = None
+        for h in hooks:
+            h.remove()
+    return sum(m.decision_grads(seen[m][0], d) @ WM.T for m, WM, d in zip(layers, wmasks, deltas))
+
+
+def decision_chunk(model):
+    """How many decisions to push through at once: keeps [chunk, N] near 2^25 floats."""
+    return max(1, 2**25 // max(m.weight.numel() for m in masked_layers(model)))
+
+
+@torch.no_grad()
+def infer_tasks(model, x, weights, objective, binary=False, wmasks=None):
+    """Infer the task of each decision x[b] ([D, R, ...]) among the learned masks.
+
+    One-shot (paper Eq. 4): alphas = 1/k, t = argmin_i dO/dalpha_i, one gradient.
+    Binary (Sec. 3.3): keep the half of the remaining tasks with the smallest gradient and
+    repeat with alphas uniform over them, until one is left: exactly ceil(log2 k) rounds.
+    Only learned tasks are candidates; wmasks (see alpha_grads) may be passed in to reuse them
+    across calls. Returns (tasks [D], rounds).
+    """
+    k = num_learned(model)
+    if wmasks is None:
+        wmasks = [m.weighted_masks(k) for m in masked_layers(model)]
+    if k == 1:
+        return torch.zeros(len(x), dtype=torch.long, device=x.device), 0
+    step = decision_chunk(model)
+
+    def grads(alphas):  # [D, k], over chunks of decisions
+        return torch.cat([alpha_grads(model, x[i:i + step], weights[i:i + step],
+                                      alphas if alphas.dim() == 1 else alphas[i:i + step],
+                                      objective, wmasks) for i in range(0, len(x), step)])
+
+    g = grads(torch.full((k,), 1 / k, device=x.device))  # the one-shot gradient
+    if not binary:
+        return g.argmin(1), 1
+    good, n, rounds = torch.ones_like(g, dtype=torch.bool), k, 0
+    while True:
+        # rank the remaining tasks by gradient (ties by index); keep the lower ceil(n/2)
+        rank = g.masked_fill(~good, math.inf).argsort(dim=1, stable=True).argsort(dim=1)
+        n, rounds = -(-n // 2), rounds + 1
+        good = rank < n
+        if n == 1:
+            return good.int().argmax(1), rounds
+        g = grads(good / n)
+
+
+# -------------------------------------------------------------------------- train and test
+
+
+def train_steps(model, batches, opt):
+    """One optimizer step of cross-entropy per (x, y) batch; returns the mean loss."""
+    total, n = 0.0, 0
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, n = total + loss.detach(), n + 1
+    return float(total) / max(n, 1)
+
+
+@torch.no_grad()
+def predict(model, x, chunk=8192):
+    """Argmax over all outputs (superfluous ones included: predicting one is an error)."""
+    return torch.cat([model(x[i:i + chunk]).argmax(-1) for i in range(0, len(x), chunk)])
+
+
+# ----------------------------------------------------------------------------- run helpers
+
+
+class UserError(Exception):
+    """A problem with the user's input or files: printed as one line, then exit 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with every default in --help and one-line errors."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(s):
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{s} is not a positive integer")
+    return v
+
+
+def positive_float(s):
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{s} is not a positive number")
+    return v
+
+
+def int_list(s):
+    try:
+        vals = [positive_int(v) for v in s.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma list of positive integers")
+    return vals
+
+
+def add_common_args(p):
+    """Flags every run script shares."""
+    p.add_argument("--seed", type=int, default=1, help="seed of W, masks, tasks and batch order")
+    p.add_argument("--data", default="data", help="data folder (downloaded there if missing)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<name from the flags>)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+
+
+def get_device(name):
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {name} is not usable here ({str(e).splitlines()[0]}); "
+                        "pass --device cpu")
+    return device
+
+
+def write_atomic(path, write, mode="w"):
+    """Write a file through a temp file and a rename, so a crash never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, mode) as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_csv(path, rows, columns):
+    def write(f):
+        f.write(",".join(columns) + "\n")
+        for r in rows:
+            f.write(",".join(str(r[c]) for c in columns) + "\n")
+    write_atomic(path, write)
+
+
+def open_run(out, args, results, volatile=("data", "device", "out")):
+    """Make the run folder; return its checkpoint if one exists and was made with these args.
+
+    args is the dict of arguments that define the run; keys in `volatile` may change on resume.
+    A folder that holds `results` but no checkpoint is refused rather than overwritten.
+    """
+    try:
+        os.makedirs(out, exist_ok=True)
+        write_atomic(os.path.join(out, ".write-test"), lambda f: None)
+        os.remove(os.path.join(out, ".write-test"))
+    except OSError as e:
+        raise UserError(f"cannot write to the run folder {out} ({e.strerror}); "
+                        "pass a writable --out DIR")
+    path = os.path.join(out, "ckpt.pt")
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(out, results)):
+            raise UserError(f"{out} has {results} but no ckpt.pt to resume from; pass another "
+                            "--out (or delete the folder to start over)")
+        write_atomic(os.path.join(out, "args.json"), lambda f: json.dump(args, f, indent=1))
+        return None
+    try:
+        ckpt = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
+                        "delete it to start this run over") from None
+    old = ckpt["args"]
+    diff = [k for k in sorted(set(old) | set(args)) if k not in volatile and old.get(k) != args.get(k)]
+    if diff:
+        changes = ", ".join(f"{k}: {old.get(k)} -> {args.get(k)}" for k in diff)
+        raise UserError(f"{out} holds a run with other arguments ({changes}); rerun with the "
+                        "same flags to resume, or pass another --out")
+    return ckpt
+
+
+def save_checkpoint(out, state):
+    write_atomic(os.path.join(out, "ckpt.pt"), lambda f: torch.save(state, f), "wb")

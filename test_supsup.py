@@ -1,0 +1,376 @@
+"""Tests: each checks SupSup against a hand-computed reference or a property the paper relies on.
+
+    pytest -q test_supsup.py      # CPU, no network, no torchvision; about a minute
+
+Real-MNIST checks use the idx files in $MNIST_DIR (default ../shared/data/mnist) and are
+skipped, with the reason, when they are not there. Everything else writes small files itself.
+"""
+import gzip
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import nets
+import run_gn
+import supsup
+
+MNIST = os.environ.get("MNIST_DIR", os.path.join(os.path.dirname(__file__), "..", "shared",
+                                                 "data", "mnist"))
+needs_mnist = pytest.mark.skipif(data.find_mnist(MNIST) is None,
+                                 reason=f"real MNIST idx files not found in {MNIST}")
+
+
+def learned_model(net, k, seed=0):
+    """A model whose k stored masks are random (scores drawn, then frozen)."""
+    for _ in range(k):
+        supsup.start_task(net, seed)
+        supsup.finish_task(net)
+    return net
+
+
+def write_idx(path, array, gz=True):
+    """Write an idx file as MNIST ships it (big-endian header, uint8 data)."""
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    raw = header + array.astype(np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(raw) if gz else raw)
+
+
+def write_fake_mnist(folder, n_train=512, n_test=256, seed=0):
+    """Random digits in the real on-disk format (enough to exercise every code path)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for (img, lab), n in zip((data.FILES[:2], data.FILES[2:]), (n_train, n_test)):
+        write_idx(os.path.join(folder, img + ".gz"), rng.integers(0, 256, (n, 28, 28)))
+        write_idx(os.path.join(folder, lab + ".gz"), rng.integers(0, 10, n))
+    return folder
+
+
+# ----------------------------------------------------------------------------- masks, layers
+
+
+def test_topk_keeps_exact_count_and_threshold_rule():
+    s = torch.randn(37, 11)
+    for density in (0.01, 0.1, 0.5, 0.93):
+        m = supsup.mask_of(s, density)
+        keep = s.numel() - int((1 - density) * s.numel())
+        assert m.sum().item() == keep
+        assert s.abs()[m.bool()].min() >= s.abs()[~m.bool()].max()  # the largest |scores|
+    assert torch.equal(supsup.mask_of(s), (s >= 0).float())
+
+
+def test_pack_roundtrip_and_2500_task_bank_size():
+    m = torch.rand(3, 1001) > 0.5
+    assert torch.equal(supsup.unpack(supsup.pack(m), 1001, torch.bool), m)
+    net = nets.lenet(output_size=500, num_tasks=2500)
+    nbytes = sum(layer.bank.numel() for layer in supsup.masked_layers(net))
+    weights = sum(layer.weight.numel() for layer in supsup.masked_layers(net))
+    assert nbytes == sum(-(-layer.weight.numel() // 8) for layer in supsup.masked_layers(net)) * 2500
+    assert nbytes <= 2500 * weights / 8 + 2500 * 3 and nbytes < 100e6  # 1 bit per weight
+
+
+def test_signed_constant_weights_and_score_init():
+    layer = supsup.MaskedLinear(50, 20, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(layer.weight.abs(), torch.full((20, 50), math.sqrt(2 / 50)))
+    assert 0.3 < (layer.weight > 0).float().mean() < 0.7
+    layer.new_scores(torch.Generator().manual_seed(1))
+    assert layer.scores.abs().max() <= 1 / math.sqrt(50) and layer.scores.std() > 0.05
+    assert not layer.weight.requires_grad and [n for n, _ in layer.named_parameters()] == ["scores"]
+
+
+def test_masked_linear_and_conv_equal_dense_reference():
+    g = torch.Generator().manual_seed(0)
+    lin, conv = supsup.MaskedLinear(6, 4, 3, g), supsup.MaskedConv2d(3, 5, 3, 3, g, padding=1)
+    for layer, x, ref in ((lin, torch.randn(7, 6), F.linear),
+                          (conv, torch.randn(2, 3, 8, 8), lambda x, w: F.conv2d(x, w, padding=1))):
+        supsup.start_task(layer, 0)
+        m = (layer.scores >= 0).float()
+        assert torch.allclose(layer(x), ref(x, layer.weight * m), atol=1e-6)  # training path
+        supsup.finish_task(layer)
+        supsup.set_task(layer, 0)
+        assert torch.allclose(layer(x), ref(x, layer.weight * m), atol=1e-6)  # stored path
+
+
+def test_straight_through_gradient():
+    g = torch.Generator().manual_seed(0)
+    for density in (None, 0.3):
+        layer = supsup.MaskedLinear(5, 3, 1, g, density)
+        supsup.start_task(layer, 0)
+        x, c = torch.randn(4, 5), torch.randn(4, 3)
+        (layer(x) * c).sum().backward()
+        grad_weff = c.T @ x  # d/dW_eff of sum(c * x W_eff^T)
+        expect = grad_weff * layer.weight
+        if density is not None:  # top-k ranks |scores|: the gradient passes through abs
+            expect = expect * layer.scores.detach().sign()
+        assert torch.allclose(layer.scores.grad, expect, atol=1e-6)
+
+
+def test_one_hot_superposition_equals_single_mask():
+    g = torch.Generator().manual_seed(0)
+    for layer, x in ((nets.lenet(30, 4), torch.randn(5, 784)),
+                     (supsup.MaskedConv2d(2, 3, 3, 4, g), torch.randn(2, 2, 6, 6))):
+        learned_model(layer, 4)
+        for j in range(4):
+            supsup.set_task(layer, j)
+            single = layer(x)
+            supsup.set_alphas(layer, F.one_hot(torch.tensor(j), 4).float())
+            assert torch.equal(layer(x), single)
+
+
+def test_training_changes_neither_weights_nor_earlier_masks():
+    net = learned_model(nets.lenet(100, 3), 1)
+    before = [(m.weight.clone(), m.bank[0].clone()) for m in supsup.masked_layers(net)]
+    opt = torch.optim.RMSprop(supsup.start_task(net, 0), lr=1e-2)
+    x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
+    supsup.train_steps(net, [(x, y)] * 20, opt)
+    supsup.finish_task(net)
+    for m, (w, b0) in zip(supsup.masked_layers(net), before):
+        assert torch.equal(m.weight, w) and torch.equal(m.bank[0], b0)
+        assert not torch.equal(m.bank[1], b0)  # the new task did learn a different mask
+
+
+# ---------------------------------------------------------------------------- task inference
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_alpha_grads_equal_autograd_through_superposition(shared):
+    g = torch.Generator().manual_seed(0)
+    conv_net = torch.nn.Sequential(supsup.MaskedConv2d(2, 4, 3, 5, g), torch.nn.ReLU(),
+                                   torch.nn.Flatten(-3), supsup.MaskedLinear(64, 12, 5, g))
+    for net, x in ((nets.lenet(20, 5), torch.randn(3, 4, 784)),
+                   (conv_net, torch.randn(3, 4, 2, 6, 6))):
+        learned_model(net, 5)
+        w = torch.rand(3, 4)
+        alphas = torch.full((5,), 0.2) if shared else torch.rand(3, 5)
+        for objective in supsup.OBJECTIVES.values():
+            wm = [m.weighted_masks(5) for m in supsup.masked_layers(net)]
+            fast = supsup.alpha_grads(net, x, w, alphas, objective, wm)
+            for b in range(3):
+                a = (alphas if shared else alphas[b]).clone().requires_grad_()
+                supsup.set_alphas(net, a)
+                ref, = torch.autograd.grad((objective(net(x[b])) * w[b]).sum(), a)
+                assert torch.allclose(fast[b], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_g_objective_gradient_only_through_superfluous_outputs():
+    z = torch.randn(3, 30, requires_grad=True)
+    supsup.superfluous(z).sum().backward()
+    assert torch.equal(z.grad[:, :10], torch.zeros(3, 10))
+    assert torch.allclose(z.grad[:, 10:], z.softmax(-1)[:, 10:].detach())
+    assert torch.allclose(supsup.superfluous(z), z.logsumexp(-1))
+
+
+def train_tasks(net, inputs, labels, steps, lr, seed=0, batch=64):
+    """Train one mask per task on (inputs[t], labels) with RMSprop, as run_gn.py does."""
+    for t, x in enumerate(inputs):
+        opt = torch.optim.RMSprop(supsup.start_task(net, seed), lr=lr)
+        idx = data.train_batches(len(x), batch, steps, seed, t, "cpu")
+        supsup.train_steps(net, ((x[i], labels[i]) for i in idx), opt)
+        supsup.finish_task(net)
+
+
+def test_oneshot_and_binary_pick_the_right_task_constructed():
+    # 10 gaussian classes in 64-d; each task sees them through its own feature permutation
+    gen = torch.Generator().manual_seed(0)
+    protos, k = torch.randn(10, 64, generator=gen) * 2, 5
+    y = torch.randint(0, 10, (600,), generator=gen)
+    x = protos[y] + torch.randn(600, 64, generator=gen)
+    perms = [torch.randperm(64, generator=gen) for _ in range(k)]
+    net = nets.mlp([64, 128], 40, k, seed=0)
+    train_tasks(net, [x[:500][:, p] for p in perms], y[:500], steps=150, lr=1e-2)
+    test = torch.stack([x[500:][:, p] for p in perms])  # [k, 100, 64]
+    one, _ = supsup.infer_tasks(net, test.flatten(0, 1)[:, None], torch.ones(500, 1),
+                                supsup.entropy)  # one image per decision
+    assert (one == torch.arange(k).repeat_interleave(100)).float().mean() > 0.9
+    truth = torch.arange(k).repeat_interleave(10)
+    for objective in supsup.OBJECTIVES.values():  # ten images per decision
+        inferred, rounds = supsup.infer_tasks(net, test.view(k * 10, 10, 64),
+                                              torch.full((k * 10, 10), 0.1), objective)
+        assert rounds == 1 and (inferred == truth).float().mean() >= 0.96
+        inferred, rounds = supsup.infer_tasks(net, test.view(k * 10, 10, 64),
+                                              torch.full((k * 10, 10), 0.1), objective, True)
+        assert rounds == math.ceil(math.log2(k)) and torch.equal(inferred, truth)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 9, 36])
+def test_binary_uses_ceil_log2_rounds_and_only_learned_tasks(k):
+    net = learned_model(nets.mlp([16, 8], 12, k + 3, seed=0), k)  # 3 unlearned slots
+    inferred, rounds = supsup.infer_tasks(net, torch.randn(20, 2, 16), torch.full((20, 2), 0.5),
+                                          supsup.entropy, binary=True)
+    assert rounds == math.ceil(math.log2(k)) and inferred.max() < k
+    one, _ = supsup.infer_tasks(net, torch.randn(20, 1, 16), torch.ones(20, 1), supsup.entropy)
+    assert one.max() < k
+
+
+@needs_mnist
+def test_oneshot_and_binary_on_real_mnist():
+    tx, ty, vx, vy = data.load_mnist(MNIST, "cpu")
+    k, net = 4, nets.lenet(100, 4)
+    pix = [data.permutation(1, t) for t in range(k)]
+    train_tasks(net, [tx[:, p] for p in pix], ty, steps=150, lr=1e-3, batch=128)
+    test = torch.stack([vx[:64][:, p] for p in pix])
+    for objective in supsup.OBJECTIVES.values():  # one image per decision, as the paper
+        inferred, _ = supsup.infer_tasks(net, test.flatten(0, 1)[:, None], torch.ones(k * 64, 1),
+                                         objective)
+        assert (inferred == torch.arange(k).repeat_interleave(64)).float().mean() >= 0.97
+    inferred, rounds = supsup.infer_tasks(net, test.view(k * 4, 16, 784), torch.full((16, 16), 1 / 16),
+                                          supsup.entropy, binary=True)
+    assert rounds == 2 and torch.equal(inferred, torch.arange(k).repeat_interleave(4))
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def test_idx_reader_gzip_raw_and_layouts(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
+    write_idx(tmp_path / "a.gz", imgs)
+    write_idx(tmp_path / "b", imgs, gz=False)
+    assert np.array_equal(data.read_idx(str(tmp_path / "a.gz")), imgs)
+    assert np.array_equal(data.read_idx(str(tmp_path / "b")), imgs)
+    write_fake_mnist(str(tmp_path / "MNIST" / "raw"))  # torchvision's layout
+    tx, ty, vx, vy = data.load_mnist(str(tmp_path), "cpu")
+    assert tx.shape == (512, 785) and vy.shape == (256,)
+    assert torch.allclose(tx[:, 784], torch.tensor(-data.MEAN / data.STD))
+
+
+def test_tasks_are_keyed_by_seed_and_task():
+    assert torch.equal(data.permutation(1, 3), data.permutation(1, 3))
+    assert not torch.equal(data.permutation(1, 1), data.permutation(2, 0))  # no seed shift
+    assert sorted(data.permutation(1, 0).tolist()) == list(range(784))
+    assert not torch.equal(data.permutation(1, 0), torch.arange(784))  # task 0 is permuted
+
+
+def test_rotation_maps():
+    img = torch.arange(784.0)
+    assert torch.equal(data.rotation(0, 0), torch.arange(784))
+    r90 = torch.cat([img, torch.zeros(1)])[data.rotation(0, 9)].view(28, 28)
+    assert torch.equal(r90, torch.rot90(img.view(28, 28), 1))  # counter-clockwise
+    r45 = data.rotation(0, 4.5)  # 45 degrees: the corners come from outside the image
+    assert r45[0] == 784 and r45[28 * 14 + 14] != 784
+
+
+# ----------------------------------------------------------------------------- run_gn.py
+
+
+def small_args(folder, out, *extra):
+    return ["--data", folder, "--out", out, "--tasks", "3", "--steps", "15", "--eval-at", "2",
+            "--device", "cpu", *extra]
+
+
+def test_defaults_match_the_paper_and_help(capsys):
+    p = run_gn.get_parser()
+    a = run_gn.resolve(p.parse_args([]), p)
+    assert (a.tasks, a.model, a.output_size, a.infer, a.objective, a.infer_examples) == \
+        (250, "lenet", 100, "oneshot", "entropy", 1)
+    assert (a.steps, a.batch_size, a.lr, a.scenario) == (1000, 128, 1e-4, "GNu")
+    assert a.eval_at == [10, 50, 100, 150, 200, 250]
+    r = run_gn.resolve(p.parse_args(["--dataset", "rotated"]), p)
+    assert (r.tasks, r.model, r.output_size, r.infer, r.infer_examples) == \
+        (36, "fc1024", 200, "binary", 128)
+    assert run_gn.resolve(p.parse_args(["--model", "fc1024"]), p).output_size == 500
+    with pytest.raises(SystemExit) as e:
+        run_gn.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for action in p._actions:
+        assert action.option_strings[-1] in text
+
+
+@pytest.mark.parametrize("argv", [["--model", "resnet"], ["--tasks", "0"], ["--lr", "-1"],
+                                  ["--eval-at", "a,b"], ["--output-size", "5"],
+                                  ["--infer-examples", "200"]])
+def test_bad_flags_one_line_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_gn.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "error" in err
+
+
+def test_run_writes_results_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    folder = write_fake_mnist(str(tmp_path / "mnist"))
+    full = run_gn.main(small_args(folder, str(tmp_path / "full")))
+    header = open(tmp_path / "full" / "results.csv").readline().strip().split(",")
+    assert header == run_gn.COLUMNS and len(full) == 2 + 3
+    assert {"args.json", "ckpt.pt", "results.csv"} <= set(os.listdir(tmp_path / "full"))
+
+    calls = []
+    save = supsup.save_checkpoint
+
+    def crash_after_first(out, state):  # the process dies right after task 0's checkpoint
+        save(out, state)
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(supsup, "save_checkpoint", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_gn.main(small_args(folder, str(tmp_path / "cut")))
+    monkeypatch.setattr(supsup, "save_checkpoint", save)
+    resumed = run_gn.main(small_args(folder, str(tmp_path / "cut")))
+    drop = ("seconds", "train_seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in full]
+    again = run_gn.main(small_args(folder, str(tmp_path / "cut")))  # finished: summary only
+    assert again == resumed
+
+
+def test_gnu_and_gns_scoring_rule(tmp_path, monkeypatch):
+    folder = write_fake_mnist(str(tmp_path / "mnist"), n_test=300)
+    p = run_gn.get_parser()
+    args = run_gn.resolve(p.parse_args(small_args(folder, str(tmp_path / "o"))), p)
+    tx, ty, vx, vy = data.load_mnist(folder, "cpu")
+    net = learned_model(nets.lenet(100, 2), 2)
+    # batches 0 and 2 of every task are inferred as task 0, batch 1 as task 1
+    monkeypatch.setattr(supsup, "infer_tasks", lambda *a, **k: (torch.tensor([0, 1, 0]), 1))
+    rows = {}
+    for scenario in ("GNu", "GNs"):
+        args.scenario = scenario
+        rows[scenario] = run_gn.evaluate(net, vx, vy, args, "cpu")
+    for t in range(2):
+        order = data.test_order(300, args.seed, t, "cpu")
+        x, y = vx[order][:, data.permutation(args.seed, t)], vy[order]
+        right = torch.tensor([0, 1, 0]).repeat_interleave(128)[:300] == t
+        preds = []
+        for task in (0, 1):
+            supsup.set_task(net, task)
+            preds.append(supsup.predict(net, x) == y)
+        gnu = (preds[t] & right).sum().item() / 300
+        gns = torch.where(torch.tensor([0, 1, 0]).repeat_interleave(128)[:300] == 0,
+                          preds[0], preds[1]).sum().item() / 300
+        assert rows["GNu"][t]["acc"] == gnu and rows["GNs"][t]["acc"] == gns
+        assert rows["GNu"][t]["task_acc"] == (2 / 3 if t == 0 else 1 / 3)
+        assert rows["GNu"][t]["given_acc"] == preds[t].sum().item() / 300
+
+
+def test_clear_errors_never_lose_results(tmp_path, monkeypatch, capsys):
+    folder = write_fake_mnist(str(tmp_path / "mnist"))
+    out = str(tmp_path / "run")
+    run_gn.main(small_args(folder, out))
+    before = open(os.path.join(out, "results.csv")).read()
+
+    def fails(argv, text):
+        with pytest.raises(SystemExit) as e:
+            run_gn.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.count("\n") == 1 and text in err, err
+        assert open(os.path.join(out, "results.csv")).read() == before
+
+    fails(small_args(folder, out, "--lr", "0.01"), "other arguments (lr: 0.0001 -> 0.01)")
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as on a machine without it
+    fails(small_args(str(tmp_path / "empty"), str(tmp_path / "r2")), "t10k-labels-idx1-ubyte")
+    bad = str(tmp_path / "bad")
+    write_fake_mnist(bad)
+    path = os.path.join(bad, data.FILES[0] + ".gz")
+    open(path, "wb").write(open(path, "rb").read()[:-100])
+    fails(small_args(bad, str(tmp_path / "r3")), data.FILES[0])
+    open(tmp_path / "file", "w").close()
+    fails(small_args(folder, str(tmp_path / "file" / "run")), "cannot write to the run folder")
+    os.remove(os.path.join(out, "ckpt.pt"))
+    fails(small_args(folder, out), "has results.csv but no ckpt.pt")
+    open(os.path.join(out, "ckpt.pt"), "w").write("garbage")
+    fails(small_args(folder, out), "unreadable")
