@@ -1,7 +1,7 @@
 """Scenarios GNu and GNs: the task is given in training and inferred at test time.
 
     python run_gn.py --tasks 250 --model lenet     # paper Fig. 3 left: PermutedMNIST, one-shot H
-    python run_gn.py --objective g                 # the same with the superfluous-neuron objective G
+    python run_gn.py --objective g                 # the same with the s-neuron objective G
     python run_gn.py --dataset rotated             # Fig. 5 left: fc1024, s=200, binary, full batch
 
 Each task trains only its own supermask (RMSprop 1e-4, 1000 steps of 128, a fresh optimizer).
@@ -142,9 +142,11 @@ def run(args):
     for t in range(t_first, args.tasks):
         t0 = time.time()
         pix = data.TASKS[args.dataset](args.seed, t).to(device)
-        batches = data.train_batches(len(train_x), args.batch_size, args.steps, args.seed, t, device)
+        task_x = train_x[:, pix]  # one gather per task instead of two per step
+        batches = data.train_batches(len(task_x), args.batch_size, args.steps, args.seed, t,
+                                     device)
         opt = torch.optim.RMSprop(supsup.start_task(model, args.seed), lr=args.lr)
-        loss = supsup.train_steps(model, ((train_x[i][:, pix], train_y[i]) for i in batches), opt)
+        loss = supsup.train_steps(model, ((task_x[i], train_y[i]) for i in batches), opt)
         supsup.finish_task(model)
         train_seconds.append(time.time() - t0)
         supsup.set_task(model, t)

@@ -13,6 +13,8 @@ import argparse
 import json
 import math
 import os
+import platform
+import time
 
 import numpy as np
 import torch
@@ -93,7 +95,8 @@ class MaskedLayer(nn.Module):
         # signed Kaiming constant: +-sqrt(2 / fan_in), random signs, never trained (Sec. 3.1)
         sign = torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
         self.register_buffer("weight", sign * math.sqrt(2 / self.fan_in))
-        self.register_buffer("bank", torch.zeros(num_tasks, -(-sign.numel() // 8), dtype=torch.uint8))
+        nbytes = -(-sign.numel() // 8)  # 1 bit per weight
+        self.register_buffer("bank", torch.zeros(num_tasks, nbytes, dtype=torch.uint8))
         self.register_parameter("scores", None)
         self.density = density  # None: threshold masks (GN/NNs); a fraction: top-k masks (GG)
         self.task = 0
@@ -101,7 +104,7 @@ class MaskedLayer(nn.Module):
         self.superposed = None
 
     def new_scores(self, generator):
-        """Fresh scores for a new task: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as kaiming_uniform(a=sqrt 5)."""
+        """Fresh scores for a new task: U(+-1/sqrt(fan_in)), i.e. kaiming_uniform(a=sqrt 5)."""
         bound = 1 / math.sqrt(self.fan_in)
         s = torch.empty(self.weight.shape).uniform_(-bound, bound, generator=generator)
         self.scores = nn.Parameter(s.to(self.weight.device))
@@ -161,9 +164,10 @@ class MaskedConv2d(MaskedLayer):
     def decision_grads(self, x, delta):
         """dO_b/dW_eff per decision: x [D, R, C, H, W], delta [D, R, out, H', W'] -> [D, N]."""
         D, R = x.shape[:2]
-        g = torch.nn.grad.conv2d_weight(x.transpose(0, 1).flatten(1, 2), (D * len(self.weight),
-                                        *self.weight.shape[1:]), delta.transpose(0, 1).flatten(1, 2),
-                                        self.stride, self.padding, groups=D)
+        shape = (D * len(self.weight), *self.weight.shape[1:])
+        g = torch.nn.grad.conv2d_weight(x.transpose(0, 1).flatten(1, 2), shape,
+                                        delta.transpose(0, 1).flatten(1, 2), self.stride,
+                                        self.padding, groups=D)
         return g.flatten().view(D, -1)
 
 
@@ -343,11 +347,18 @@ class UserError(Exception):
     """A problem with the user's input or files: printed as one line, then exit 1."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default; a None default means the help text itself names it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with every default in --help and one-line errors."""
 
     def __init__(self, **kw):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+        super().__init__(formatter_class=HelpFormatter, **kw)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -394,6 +405,13 @@ def get_device(name):
     return device
 
 
+def device_name(device):
+    """What the run ran on, for args.json."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
 def write_atomic(path, write, mode="w"):
     """Write a file through a temp file and a rename, so a crash never leaves half a file."""
     tmp = f"{path}.tmp"
@@ -428,7 +446,10 @@ def open_run(out, args, results, volatile=("data", "device", "out")):
         if os.path.exists(os.path.join(out, results)):
             raise UserError(f"{out} has {results} but no ckpt.pt to resume from; pass another "
                             "--out (or delete the folder to start over)")
-        write_atomic(os.path.join(out, "args.json"), lambda f: json.dump(args, f, indent=1))
+        env = dict(torch=torch.__version__, device_name=device_name(args.get("device", "cpu")),
+                   started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_atomic(os.path.join(out, "args.json"),
+                     lambda f: json.dump({**args, **env}, f, indent=1))
         return None
     try:
         ckpt = torch.load(path, weights_only=True)
@@ -436,7 +457,8 @@ def open_run(out, args, results, volatile=("data", "device", "out")):
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
                         "delete it to start this run over") from None
     old = ckpt["args"]
-    diff = [k for k in sorted(set(old) | set(args)) if k not in volatile and old.get(k) != args.get(k)]
+    diff = [k for k in sorted(set(old) | set(args))
+            if k not in volatile and old.get(k) != args.get(k)]
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)} -> {args.get(k)}" for k in diff)
         raise UserError(f"{out} holds a run with other arguments ({changes}); rerun with the "

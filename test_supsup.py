@@ -71,7 +71,8 @@ def test_pack_roundtrip_and_2500_task_bank_size():
     net = nets.lenet(output_size=500, num_tasks=2500)
     nbytes = sum(layer.bank.numel() for layer in supsup.masked_layers(net))
     weights = sum(layer.weight.numel() for layer in supsup.masked_layers(net))
-    assert nbytes == sum(-(-layer.weight.numel() // 8) for layer in supsup.masked_layers(net)) * 2500
+    per_task = sum(-(-layer.weight.numel() // 8) for layer in supsup.masked_layers(net))
+    assert nbytes == per_task * 2500
     assert nbytes <= 2500 * weights / 8 + 2500 * 3 and nbytes < 100e6  # 1 bit per weight
 
 
@@ -219,8 +220,8 @@ def test_oneshot_and_binary_on_real_mnist():
         inferred, _ = supsup.infer_tasks(net, test.flatten(0, 1)[:, None], torch.ones(k * 64, 1),
                                          objective)
         assert (inferred == torch.arange(k).repeat_interleave(64)).float().mean() >= 0.97
-    inferred, rounds = supsup.infer_tasks(net, test.view(k * 4, 16, 784), torch.full((16, 16), 1 / 16),
-                                          supsup.entropy, binary=True)
+    inferred, rounds = supsup.infer_tasks(net, test.view(k * 4, 16, 784),
+                                          torch.full((16, 16), 1 / 16), supsup.entropy, True)
     assert rounds == 2 and torch.equal(inferred, torch.arange(k).repeat_interleave(4))
 
 
@@ -253,6 +254,16 @@ def test_rotation_maps():
     assert torch.equal(r90, torch.rot90(img.view(28, 28), 1))  # counter-clockwise
     r45 = data.rotation(0, 4.5)  # 45 degrees: the corners come from outside the image
     assert r45[0] == 784 and r45[28 * 14 + 14] != 784
+
+
+def test_rotation_equals_pil_rotate():
+    Image = pytest.importorskip("PIL.Image", reason="Pillow (torchvision's image backend) absent")
+    imgs = np.random.default_rng(0).integers(1, 256, (4, 28, 28)).astype(np.uint8)
+    for t in range(36):
+        for im in imgs:  # torchvision rotates MNIST's PIL images this way (nearest, black fill)
+            ref = np.array(Image.fromarray(im).rotate(10 * t, Image.NEAREST))
+            ours = np.append(im.reshape(-1), 0)[data.rotation(1, t).numpy()].reshape(28, 28)
+            assert np.array_equal(ours, ref), t
 
 
 # ----------------------------------------------------------------------------- run_gn.py
