@@ -85,6 +85,17 @@ def resolve(args, parser):
     return args
 
 
+def train_task(model, x, y, args):
+    """Learn the next task's mask on (x, y): a fresh RMSprop, args.steps batches; returns the
+    mean loss. x is the task's whole training set (gathered once, not per step)."""
+    t = num_learned(model)
+    batches = data.train_batches(len(x), args.batch_size, args.steps, args.seed, t, x.device)
+    opt = torch.optim.RMSprop(supsup.start_task(model, args.seed), lr=args.lr)
+    loss = supsup.train_steps(model, ((x[i], y[i]) for i in batches), opt)
+    supsup.finish_task(model)
+    return loss
+
+
 @torch.no_grad()
 def evaluate(model, test_x, test_y, args, device):
     """One row per learned task: accuracy with the task inferred, inference accuracy, given."""
@@ -142,12 +153,7 @@ def run(args):
     for t in range(t_first, args.tasks):
         t0 = time.time()
         pix = data.TASKS[args.dataset](args.seed, t).to(device)
-        task_x = train_x[:, pix]  # one gather per task instead of two per step
-        batches = data.train_batches(len(task_x), args.batch_size, args.steps, args.seed, t,
-                                     device)
-        opt = torch.optim.RMSprop(supsup.start_task(model, args.seed), lr=args.lr)
-        loss = supsup.train_steps(model, ((task_x[i], train_y[i]) for i in batches), opt)
-        supsup.finish_task(model)
+        loss = train_task(model, train_x[:, pix], train_y, args)
         train_seconds.append(time.time() - t0)
         supsup.set_task(model, t)
         acc = (supsup.predict(model, test_x[:, pix]) == test_y).sum().item() / len(test_y)
