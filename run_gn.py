@@ -62,6 +62,10 @@ def get_parser():
     p.add_argument("--test-batch-size", type=positive_int, default=128,
                    help="test batch size; each test batch gets one task decision")
     p.add_argument("--lr", type=positive_float, default=1e-4, help="RMSprop learning rate")
+    p.add_argument("--parallel", type=positive_int, default=None,
+                   help="train this many tasks at once as one batched computation (same "
+                        "seeds, results within float rounding) [default: 1 on CPU, where it "
+                        "does not pay; 25 on CUDA]")
     supsup.add_common_args(p)
     return p
 
@@ -73,6 +77,8 @@ def resolve(args, parser):
             setattr(args, k, v)
     if args.output_size is None:
         args.output_size = OUTPUT_SIZE[args.model]
+    if args.parallel is None:
+        args.parallel = 25 if args.device.startswith("cuda") else 1
     if args.output_size < 10:
         parser.error(f"--output-size {args.output_size} is below the 10 digit classes")
     if args.infer_examples > args.test_batch_size:
@@ -85,46 +91,65 @@ def resolve(args, parser):
     return args
 
 
-def train_task(model, x, y, args):
-    """Learn the next task's mask on (x, y): a fresh RMSprop, args.steps batches; returns the
-    mean loss. x is the task's whole training set (gathered once, not per step)."""
-    t = num_learned(model)
-    batches = data.train_batches(len(x), args.batch_size, args.steps, args.seed, t, x.device)
-    opt = torch.optim.RMSprop(supsup.start_task(model, args.seed), lr=args.lr)
-    loss = supsup.train_steps(model, ((x[i], y[i]) for i in batches), opt)
+def train_tasks(model, x, y, pix, args):
+    """Learn the next len(pix) tasks' masks, task i on x through its pixel map pix[i], at once
+    when there are several (a stacked task dimension). Each task gets a fresh RMSprop and
+    args.steps batches of its own order, as if trained alone. Returns the mean loss."""
+    t, n = num_learned(model), len(pix)
+    batches = torch.stack([data.train_batches(len(x), args.batch_size, args.steps, args.seed,
+                                              t + i, x.device) for i in range(n)], 1)
+    cols = pix[:, None, :].expand(n, args.batch_size, -1)
+
+    def batch(b):  # [n, batch] example indices -> each task's images and labels
+        return torch.gather(x.index_select(0, b.flatten()).view(*b.shape, -1), 2, cols), y[b]
+
+    opt = supsup.RMSprop(supsup.start_task(model, args.seed, n), lr=args.lr)
+    loss = supsup.train_steps(model, map(batch, batches), opt)
     supsup.finish_task(model)
     return loss
 
 
 @torch.no_grad()
 def evaluate(model, test_x, test_y, args, device):
-    """One row per learned task: accuracy with the task inferred, inference accuracy, given."""
+    """One row per learned task: accuracy with the task inferred, inference accuracy, given.
+
+    The deciding images of many tasks' test batches go through infer_tasks together, so that
+    each pass over the mask bank serves many decisions."""
     k, n, bs = num_learned(model), len(test_x), args.test_batch_size
-    wmasks = [m.weighted_masks(k) for m in supsup.masked_layers(model)]
     starts = torch.arange(0, n, bs, device=device)
     idx = starts[:, None] + torch.arange(args.infer_examples, device=device)
     valid = idx < (starts + bs).clamp(max=n)[:, None]  # the last batch may be short
     weights = valid / valid.sum(1, keepdim=True)
     batch_of = torch.arange(n, device=device) // bs
-    rows = []
-    for t in range(k):
+    width = sum(sum(m.weight.shape[:2]) for m in supsup.masked_layers(model))  # per image
+    group = max(1, supsup.CHUNK // (idx.numel() * width))  # tasks per call: bounds activations
+
+    def task_test(t):  # task t's test set, in the shuffled order that makes its batches
         order = data.test_order(n, args.seed, t, device)
-        x = test_x[order][:, data.TASKS[args.dataset](args.seed, t).to(device)]
-        y = test_y[order]
-        supsup.set_task(model, t)
-        correct = supsup.predict(model, x) == y
-        inferred, _ = supsup.infer_tasks(model, x[idx.clamp(max=n - 1)], weights,
-                                         supsup.OBJECTIVES[args.objective],
-                                         args.infer == "binary", wmasks)
-        hits = correct & (inferred == t)[batch_of]
-        if args.scenario == "GNs":  # score the wrongly inferred batches with their masks
-            for b in (inferred != t).nonzero().flatten().tolist():
-                supsup.set_task(model, int(inferred[b]))
-                sl = slice(b * bs, min(n, b * bs + bs))
-                hits[sl] = supsup.predict(model, x[sl]) == y[sl]
-        rows.append(dict(task=t, acc=hits.sum().item() / n,
-                         task_acc=(inferred == t).sum().item() / len(inferred),
-                         given_acc=correct.sum().item() / n, n_test=n))
+        pix = data.TASKS[args.dataset](args.seed, t).to(device)
+        return test_x.index_select(0, order).index_select(1, pix), test_y[order]
+
+    rows = []
+    for lo in range(0, k, group):
+        tasks, deciding, correct = range(lo, min(k, lo + group)), [], []
+        for t in tasks:
+            x, y = task_test(t)
+            supsup.set_task(model, t)
+            correct.append(supsup.predict(model, x) == y)
+            deciding.append(x[idx.clamp(max=n - 1)])
+        inferred, _ = supsup.infer_tasks(model, torch.cat(deciding), weights.repeat(len(tasks), 1),
+                                         supsup.OBJECTIVES[args.objective], args.infer == "binary")
+        for t, right, inf in zip(tasks, correct, inferred.view(len(tasks), -1)):
+            hits = right & (inf == t)[batch_of]
+            if args.scenario == "GNs":  # score the wrongly inferred batches with their masks
+                x, y = task_test(t)
+                for b in (inf != t).nonzero().flatten().tolist():
+                    supsup.set_task(model, int(inf[b]))
+                    sl = slice(b * bs, min(n, b * bs + bs))
+                    hits[sl] = supsup.predict(model, x[sl]) == y[sl]
+            rows.append(dict(task=t, acc=hits.sum().item() / n,
+                             task_acc=(inf == t).sum().item() / len(inf),
+                             given_acc=right.sum().item() / n, n_test=n))
     return rows
 
 
@@ -150,28 +175,33 @@ def run(args):
         print(f"resuming {args.out} after task {num_learned(model)}")
     session, t_first = time.time(), num_learned(model)
     start = session - (ckpt["seconds"] if ckpt else 0)  # run time counts across resumes
-    for t in range(t_first, args.tasks):
-        t0 = time.time()
-        pix = data.TASKS[args.dataset](args.seed, t).to(device)
-        loss = train_task(model, train_x[:, pix], train_y, args)
-        train_seconds.append(time.time() - t0)
-        supsup.set_task(model, t)
-        acc = (supsup.predict(model, test_x[:, pix]) == test_y).sum().item() / len(test_y)
-        per_task = (time.time() - session) / (t + 1 - t_first)
-        print(f"[{args.scenario}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc {acc:.4f}  "
-              f"{per_task:.1f}s/task  eta {per_task * (args.tasks - t - 1) / 60:.0f}m", flush=True)
-        if t + 1 in args.eval_at:
+    t = t_first
+    while t < args.tasks:  # a group of --parallel tasks at a time, never across an eval point
+        t0, stop = time.time(), min([t + args.parallel] + [e for e in args.eval_at if e > t])
+        pix = torch.stack([data.TASKS[args.dataset](args.seed, i).to(device)
+                           for i in range(t, stop)])
+        loss = train_tasks(model, train_x, train_y, pix, args)
+        train_seconds += [(time.time() - t0) / (stop - t)] * (stop - t)
+        for i in range(t, stop):
+            supsup.set_task(model, i)
+            acc = (supsup.predict(model, test_x[:, pix[i - t]]) == test_y).float().mean().item()
+            per_task = (time.time() - session) / (i + 1 - t_first)
+            print(f"[{args.scenario}] task {i + 1}/{args.tasks}  loss {loss:.3f}  acc {acc:.4f}  "
+                  f"{per_task:.1f}s/task  eta {per_task * (args.tasks - i - 1) / 60:.0f}m",
+                  flush=True)
+        t = stop
+        if t in args.eval_at:
             t1 = time.time()
             new = evaluate(model, test_x, test_y, args, device)
             seconds = round(time.time() - start, 1)
             for r in new:
                 r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
                          method="supsup", infer=args.infer, objective=args.objective,
-                         seed=args.seed, num_learned=t + 1, seconds=seconds,
+                         seed=args.seed, num_learned=t, seconds=seconds,
                          train_seconds=round(train_seconds[r["task"]], 2))
             rows += new
             supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
-            print(summary(args, rows, t + 1) + f"  eval {time.time() - t1:.1f}s", flush=True)
+            print(summary(args, rows, t) + f"  eval {time.time() - t1:.1f}s", flush=True)
         supsup.save_checkpoint(args.out, dict(args=vars(args), banks=supsup.bank_state(model),
                                               rows=rows, train_seconds=train_seconds,
                                               seconds=time.time() - start))
@@ -182,6 +212,7 @@ def run(args):
 def main(argv=None):
     parser = get_parser()
     args = resolve(parser.parse_args(argv), parser)
+    supsup.keep_freed_memory()
     try:
         return run(args)
     except supsup.UserError as e:

@@ -10,6 +10,7 @@ Used by all four scenarios: GG (top-k masks, task given), GNs/GNu (threshold mas
 inferred) and NNs (task never given). The layers only hold state; the loops live in run_*.py.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -24,39 +25,54 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------- masks
 
 
-class Threshold(torch.autograd.Function):
-    """M = 1[scores >= 0] with a straight-through gradient (GN/NNs; paper Sec. 4.2)."""
+class ThresholdWeight(torch.autograd.Function):
+    """W * 1[scores >= 0], straight-through: d/dscores = grad * W (GN/NNs; paper Sec. 4.2).
+
+    The numbers of W * (scores >= 0).float() in one op: the mask is written as floats directly
+    (on CPU a bool mask and its cast cost more than the product itself)."""
 
     @staticmethod
-    def forward(ctx, scores):
-        return (scores >= 0).to(scores.dtype)
+    def forward(ctx, scores, weight):
+        ctx.save_for_backward(weight)
+        return torch.ge(scores, 0, out=torch.empty_like(scores)).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        (weight,) = ctx.saved_tensors
+        return grad * weight, None
+
+
+def top_fraction(a, density):
+    """1.0 on the `density` fraction of largest entries of each row of a [..., n], else 0."""
+    n = a.shape[-1]
+    keep = n - int((1 - density) * n)  # the original drops floor((1 - density) n) entries
+    return torch.zeros_like(a).scatter_(-1, a.topk(keep, -1, sorted=False).indices, 1.0)
 
 
 class TopK(torch.autograd.Function):
-    """Keep the `density` fraction of largest entries (edge-popup), straight-through (GG)."""
+    """Top-`density` mask of each row (edge-popup), straight-through (GG)."""
 
     @staticmethod
     def forward(ctx, scores, density):
-        n = scores.numel()
-        keep = n - int((1 - density) * n)  # the original drops floor((1-density) n) entries
-        mask = torch.zeros_like(scores)
-        mask.view(-1)[scores.flatten().topk(keep, sorted=False).indices] = 1
-        return mask
+        return top_fraction(scores, density)
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
 
 
-def mask_of(scores, density=None):
-    """The mask a layer's scores encode: top-k of |scores| at `density`, else scores >= 0."""
+def masked_weight(scores, weight, density=None):
+    """W * M(scores), differentiable in the scores; scores may carry a leading task dim [P]."""
     if density is None:
-        return Threshold.apply(scores)
-    return TopK.apply(scores.abs(), density)  # through abs, the score gets grad * sign(score)
+        return ThresholdWeight.apply(scores, weight)
+    rows = scores.abs().flatten(scores.dim() - weight.dim())  # one row per task
+    return weight * TopK.apply(rows, density).view_as(scores)  # grad reaches s as grad*sign(s)
+
+
+def mask_of(scores, density=None):
+    """The bool mask each row of scores [..., N] encodes: scores >= 0, or, at a density, the
+    top-k of |scores| in the row."""
+    return scores >= 0 if density is None else top_fraction(scores.abs(), density) > 0
 
 
 def _bits(device):
@@ -69,13 +85,18 @@ def pack(mask):
     return (m * _bits(mask.device)).sum(-1, dtype=torch.uint8)
 
 
-def unpack(packed, n, dtype=torch.float32):
-    """Inverse of pack: uint8 [..., ceil(n/8)] -> [..., n] of 0/1 in `dtype`."""
-    bits = (packed.unsqueeze(-1) & _bits(packed.device)).ne(0).flatten(-2)
-    return bits[..., :n].to(dtype)
+def unpack(packed, n, out=None):
+    """Inverse of pack: uint8 [..., B] -> float 0/1 [..., n], written into out ([..., 8B]) if
+    given. One row of a 256 x 8 table per byte: a gather, no bit arithmetic per weight."""
+    table = (torch.arange(256, device=packed.device)[:, None] & _bits(packed.device)).ne(0)
+    rows = torch.index_select(table.float(), 0, packed.flatten().int(),
+                              out=None if out is None else out.view(-1, 8))
+    return rows.view(*packed.shape[:-1], -1)[..., :n]
 
 
 # ---------------------------------------------------------------------------------- layers
+
+CHUNK = 2**26  # floats in one working chunk: unpacked masks, or per-decision gradients
 
 
 class MaskedLayer(nn.Module):
@@ -86,7 +107,8 @@ class MaskedLayer(nn.Module):
                           [N] for one superposition or [D, N] for one per decision (the input is
                           then [D, R, ...]);
       task < learned   -> W * M_task from the bank (a finished task, frozen);
-      otherwise        -> W * mask_of(scores), the task being trained.
+      otherwise        -> W * M(scores), the task being trained; scores [P, *shape] train P
+                          tasks at once (the input is then [P, B, ...]).
     """
 
     def __init__(self, shape, num_tasks, generator, density=None):
@@ -103,19 +125,33 @@ class MaskedLayer(nn.Module):
         self.num_learned = 0
         self.superposed = None
 
-    def new_scores(self, generator):
-        """Fresh scores for a new task: U(+-1/sqrt(fan_in)), i.e. kaiming_uniform(a=sqrt 5)."""
+    def new_scores(self, generators):
+        """Fresh scores, one draw per task generator: U(+-1/sqrt(fan_in)), i.e.
+        kaiming_uniform(a=sqrt 5). Several tasks stack to [P, *shape]."""
         bound = 1 / math.sqrt(self.fan_in)
-        s = torch.empty(self.weight.shape).uniform_(-bound, bound, generator=generator)
-        self.scores = nn.Parameter(s.to(self.weight.device))
+        s = [torch.empty(self.weight.shape).uniform_(-bound, bound, generator=g)
+             for g in generators]
+        self.scores = nn.Parameter((s[0] if len(s) == 1 else torch.stack(s)).to(self.weight.device))
 
-    def masks(self, lo, hi, dtype=torch.float32):
-        """Stored masks of tasks lo..hi-1 as a [hi-lo, N] tensor of 0/1."""
-        return unpack(self.bank[lo:hi], self.weight.numel(), dtype)
+    def masks(self, lo, hi, out=None):
+        """Stored masks of tasks lo..hi-1 as float 0/1, [hi-lo, N]."""
+        return unpack(self.bank[lo:hi], self.weight.numel(), out)
 
-    def weighted_masks(self, k):
-        """W * M_i for the first k tasks, [k, N]: the terms of the superposition."""
-        return self.weight.flatten() * self.masks(0, k)
+    def chunks(self, k, reuse=True):
+        """(lo, masks [c, N]) over the first k stored masks, about CHUNK floats at a time. With
+        reuse all chunks share one buffer: use each before asking for the next."""
+        size = max(1, CHUNK // self.weight.numel())
+        shape = (min(size, k), self.bank.shape[1] * 8)
+        buf = torch.empty(shape, device=self.bank.device) if reuse else None
+        for lo in range(0, k, size):
+            hi = min(k, lo + size)
+            yield lo, self.masks(lo, hi, None if buf is None else buf[: hi - lo])
+
+    def superpose(self, alphas, reuse=True):
+        """W * sum_i alphas[..., i] M_i over the first alphas.shape[-1] stored masks (paper
+        Eq. 2): [N] for alphas [k], [D, N] for alphas [D, k]."""
+        chunks = self.chunks(alphas.shape[-1], reuse)
+        return self.weight.flatten() * sum(alphas[..., lo:lo + len(M)] @ M for lo, M in chunks)
 
     def effective_weight(self):
         if self.superposed is not None:
@@ -124,7 +160,7 @@ class MaskedLayer(nn.Module):
             return self.weight * self.masks(self.task, self.task + 1).view_as(self.weight)
         if self.scores is None:
             raise RuntimeError(f"task {self.task} has no mask: call start_task first")
-        return self.weight * mask_of(self.scores, self.density)
+        return masked_weight(self.scores, self.weight, self.density)
 
 
 class MaskedLinear(MaskedLayer):
@@ -137,9 +173,13 @@ class MaskedLinear(MaskedLayer):
         w = self.effective_weight()
         return F.linear(x, w) if w.dim() == 2 else torch.bmm(x, w.transpose(1, 2))
 
-    def decision_grads(self, x, delta):
-        """dO_b/dW_eff = sum_r delta_r x_r^T per decision: x [D, R, in], delta [D, R, out]."""
-        return torch.bmm(delta.transpose(1, 2), x).flatten(1)
+    def decision_grads(self, x, delta, out):
+        """dO_b/dW_eff = sum_r delta_r x_r^T per decision, into out [D, N]: x [D, R, in],
+        delta [D, R, out]. One image per decision (R = 1) makes it an outer product."""
+        out3 = out.view(len(x), *self.weight.shape)
+        if x.shape[1] == 1:
+            return torch.mul(delta.transpose(1, 2), x, out=out3).flatten(1)
+        return torch.bmm(delta.transpose(1, 2), x, out=out3).flatten(1)
 
 
 class MaskedConv2d(MaskedLayer):
@@ -161,8 +201,9 @@ class MaskedConv2d(MaskedLayer):
                      self.padding, groups=D)
         return y.unflatten(1, (D, -1)).transpose(0, 1)
 
-    def decision_grads(self, x, delta):
-        """dO_b/dW_eff per decision: x [D, R, C, H, W], delta [D, R, out, H', W'] -> [D, N]."""
+    def decision_grads(self, x, delta, out):
+        """dO_b/dW_eff per decision: x [D, R, C, H, W], delta [D, R, out, H', W'] -> [D, N]
+        (a new tensor: conv2d_weight has no out)."""
         D, R = x.shape[:2]
         shape = (D * len(self.weight), *self.weight.shape[1:])
         g = torch.nn.grad.conv2d_weight(x.transpose(0, 1).flatten(1, 2), shape,
@@ -197,25 +238,27 @@ def set_task(model, t):
 def set_alphas(model, alphas):
     """Superpose the learned masks: W * sum_i alphas[i] M_i (differentiable in alphas)."""
     for m in masked_layers(model):
-        m.superposed = alphas @ m.weighted_masks(alphas.shape[-1])
+        m.superposed = m.superpose(alphas, reuse=False)
 
 
-def start_task(model, seed):
-    """Draw fresh scores for the next task and make it current; returns them for the optimizer."""
+def start_task(model, seed, n=1):
+    """Draw fresh scores for the next n tasks (n > 1: trained at once, stacked) and make them
+    current; returns the scores for the optimizer. Task t's draw is keyed by (seed, t) alone."""
     t = num_learned(model)
-    g = task_generator(seed, t, 3)
+    generators = [task_generator(seed, t + i, 3) for i in range(n)]
     for m in masked_layers(model):
-        m.new_scores(g)
+        m.new_scores(generators)
     set_task(model, t)
     return [m.scores for m in masked_layers(model)]
 
 
 @torch.no_grad()
 def finish_task(model):
-    """Freeze the current task: store its binary mask in the bank and drop the float scores."""
+    """Freeze the current task(s): store the binary masks in the bank, drop the float scores."""
     for m in masked_layers(model):
-        m.bank[m.num_learned] = pack(mask_of(m.scores, m.density).flatten() > 0)
-        m.num_learned += 1
+        masks = mask_of(m.scores.reshape(-1, m.weight.numel()), m.density)  # [P, N]
+        m.bank[m.num_learned:m.num_learned + len(masks)] = pack(masks)
+        m.num_learned += len(masks)
         m.scores = None
 
 
@@ -251,23 +294,15 @@ def superfluous(logits, real=10):
 OBJECTIVES = {"entropy": entropy, "g": superfluous}
 
 
-def alpha_grads(model, x, weights, alphas, objective, wmasks):
-    """d O_b / d alpha for D independent decisions b, each with its own superposition.
-
-    x [D, R, ...]: the R inputs of each decision; weights [D, R]: their weights in O_b
-    (1/R each, 0 for padding); alphas [k] (one superposition for all) or [D, k]; wmasks: per
-    masked layer W * M_i of the k learned tasks, [k, N]. Uses, layer by layer,
-        d O_b / d alpha_i = <W * M_i, d O_b / d W_eff>   (reference Sec. 3.4):
-    one superposed forward and a backward to the layer outputs give each decision's
-    dO_b/dW_eff ([D, N]); one matrix product with the masks then gives all k alphas.
-    Returns [D, k]; equals autograd through set_alphas (checked in the tests).
-    """
+def layer_grads(model, x, weights, superposed, objective):
+    """Per masked layer, (its input, d O / d its output) for decisions x [D, R, ...] under the
+    given superpositions; O = sum_b sum_r weights[b, r] objective(output of x[b, r])."""
     layers, seen = masked_layers(model), {}
     hooks = [m.register_forward_hook(lambda m, i, o: seen.update({m: (i[0], o)})) for m in layers]
     try:
         with torch.enable_grad():
-            for m, WM in zip(layers, wmasks):
-                m.superposed = (alphas @ WM).requires_grad_()  # puts the outputs in the graph
+            for m, s in zip(layers, superposed):
+                m.superposed = s.requires_grad_()  # puts the layer outputs in the graph
             obj = (objective(model(x)) * weights).sum()
             deltas = torch.autograd.grad(obj, [seen[m][1] for m in layers])
     finally:
@@ -275,37 +310,58 @@ def alpha_grads(model, x, weights, alphas, objective, wmasks):
             m.superposed = None
         for h in hooks:
             h.remove()
-    return sum(m.decision_grads(seen[m][0], d) @ WM.T for m, WM, d in zip(layers, wmasks, deltas))
+    return [(seen[m][0].detach(), d) for m, d in zip(layers, deltas)]
+
+
+def alpha_grads(model, x, weights, alphas, objective):
+    """d O_b / d alpha for D independent decisions b, each with its own superposition.
+
+    x [D, R, ...]: the R inputs of each decision; weights [D, R]: their weights in O_b
+    (1/R each, 0 for padding); alphas [k] (one superposition for all) or [D, k]. Uses, layer
+    by layer,  d O_b / d alpha_i = <W * M_i, d O_b / d W_eff> = <M_i, W * d O_b / d W_eff>:
+    superposed forwards and backwards to the layer outputs, a chunk of decisions at a time,
+    give each decision's dO_b/dW_eff = sum_r delta_r x_r^T; then each chunk of the bit-packed
+    bank is unpacked once and meets every decision in one matrix product per decision chunk.
+    Besides the decisions' layer activations, working memory is a few CHUNKs, whatever k.
+    Returns [D, k]; equals autograd through set_alphas (see the tests).
+    """
+    layers, k, step = masked_layers(model), alphas.shape[-1], decision_chunk(model)
+    shared = [m.superpose(alphas) for m in layers] if alphas.dim() == 1 else None
+    acts = [layer_grads(model, x[i:i + step], weights[i:i + step],
+                        shared or [m.superpose(alphas[i:i + step]) for m in layers], objective)
+            for i in range(0, len(x), step)]
+    g = torch.zeros(len(x), k, device=x.device)
+    for j, m in enumerate(layers):
+        w = m.weight.flatten()
+        buf = torch.empty(min(step, len(x)), w.numel(), device=x.device)  # reused: no page faults
+        for lo, M in m.chunks(k):
+            for i, chunk in zip(range(0, len(x), step), acts):
+                inp, delta = chunk[j]
+                grads = m.decision_grads(inp, delta, buf[:len(inp)]).mul_(w)
+                g[i:i + len(inp), lo:lo + len(M)] += grads @ M.T
+    return g
 
 
 def decision_chunk(model):
-    """How many decisions to push through at once: keeps [chunk, N] near 2^25 floats."""
-    return max(1, 2**25 // max(m.weight.numel() for m in masked_layers(model)))
+    """How many decisions to push through at once: [chunk, N] of about CHUNK floats."""
+    return max(1, CHUNK // max(m.weight.numel() for m in masked_layers(model)))
 
 
 @torch.no_grad()
-def infer_tasks(model, x, weights, objective, binary=False, wmasks=None):
+def infer_tasks(model, x, weights, objective, binary=False):
     """Infer the task of each decision x[b] ([D, R, ...]) among the learned masks.
 
     One-shot (paper Eq. 4): alphas = 1/k, t = argmin_i dO/dalpha_i, one gradient.
     Binary (Sec. 3.3): keep the half of the remaining tasks with the smallest gradient and
     repeat with alphas uniform over them, until one is left: exactly ceil(log2 k) rounds.
-    Only learned tasks are candidates; wmasks (see alpha_grads) may be passed in to reuse them
-    across calls. Returns (tasks [D], rounds).
+    Only learned tasks are candidates. A call reads the mask bank once per round for all its
+    decisions (and, in binary rounds, once per chunk of decisions to superpose): pass many
+    decisions per call. Returns (tasks [D], rounds).
     """
     k = num_learned(model)
-    if wmasks is None:
-        wmasks = [m.weighted_masks(k) for m in masked_layers(model)]
     if k == 1:
         return torch.zeros(len(x), dtype=torch.long, device=x.device), 0
-    step = decision_chunk(model)
-
-    def grads(alphas):  # [D, k], over chunks of decisions
-        return torch.cat([alpha_grads(model, x[i:i + step], weights[i:i + step],
-                                      alphas if alphas.dim() == 1 else alphas[i:i + step],
-                                      objective, wmasks) for i in range(0, len(x), step)])
-
-    g = grads(torch.full((k,), 1 / k, device=x.device))  # the one-shot gradient
+    g = alpha_grads(model, x, weights, torch.full((k,), 1 / k, device=x.device), objective)
     if not binary:
         return g.argmin(1), 1
     good, n, rounds = torch.ones_like(g, dtype=torch.bool), k, 0
@@ -316,21 +372,38 @@ def infer_tasks(model, x, weights, objective, binary=False, wmasks=None):
         good = rank < n
         if n == 1:
             return good.int().argmax(1), rounds
-        g = grads(good / n)
+        g = alpha_grads(model, x, weights, good / n, objective)
 
 
 # -------------------------------------------------------------------------- train and test
 
 
+class RMSprop:
+    """torch.optim.RMSprop at its defaults (alpha 0.99, eps 1e-8, no momentum, not centered):
+    the same update, bit for bit, without the per-step bookkeeping (5-10% of a CPU step)."""
+
+    def __init__(self, params, lr, alpha=0.99, eps=1e-8):
+        self.params, self.lr, self.alpha, self.eps = list(params), lr, alpha, eps
+        self.square_avg = [torch.zeros_like(p) for p in self.params]
+
+    def step(self, grads):
+        with torch.no_grad():
+            for p, g, v in zip(self.params, grads, self.square_avg):
+                v.mul_(self.alpha).addcmul_(g, g, value=1 - self.alpha)
+                p.addcdiv_(g, v.sqrt().add_(self.eps), value=-self.lr)
+
+
 def train_steps(model, batches, opt):
-    """One optimizer step of cross-entropy per (x, y) batch; returns the mean loss."""
+    """One optimizer step of cross-entropy per (x, y) batch; returns the mean loss.
+
+    x [B, ...] and y [B] for one task, or x [P, B, ...] and y [P, B] for P tasks trained at
+    once: their losses are summed, so each task gets the gradient it would get alone."""
     total, n = 0.0, 0
     for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total, n = total + loss.detach(), n + 1
+        tasks = y.numel() // y.shape[-1]
+        loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten()) * tasks
+        opt.step(torch.autograd.grad(loss, opt.params))
+        total, n = total + loss.detach() / tasks, n + 1
     return float(total) / max(n, 1)
 
 
@@ -410,6 +483,20 @@ def device_name(device):
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
     return platform.processor() or platform.machine()
+
+
+def keep_freed_memory():
+    """Let glibc keep freed memory for reuse instead of handing it back to the OS at once.
+
+    By default it trims its heap whenever 2 MB lie free at the top, so every training step
+    page-faults its ~1 MB temporaries back in: about 100 faults a step, 10-15% of a lenet step
+    on a 2-core CPU. Linux (glibc) only; a no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-1, 1 << 28)  # M_TRIM_THRESHOLD: trim only once 256 MB lie free
+    libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap
 
 
 def write_atomic(path, write, mode="w"):
