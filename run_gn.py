@@ -38,7 +38,7 @@ def get_parser():
                    help="task family; rotated switches the defaults marked (rotated) below")
     p.add_argument("--tasks", type=positive_int, default=None,
                    help="number of tasks [default: 250; rotated: 36]")
-    p.add_argument("--model", choices=sorted(NETS), default=None,
+    p.add_argument("--model", choices=sorted(OUTPUT_SIZE), default=None,
                    help="network [default: lenet; rotated: fc1024]")
     p.add_argument("--output-size", type=positive_int, default=None,
                    help="outputs s, 10 labelled + s-10 superfluous [default: lenet 100, fc1024 "
@@ -103,7 +103,7 @@ def train_tasks(model, x, y, pix, args):
     def batch(b):  # [n, batch] example indices -> each task's images and labels
         return torch.gather(x.index_select(0, b.flatten()).view(*b.shape, -1), 2, cols), y[b]
 
-    opt = supsup.RMSprop(supsup.start_task(model, args.seed, n), lr=args.lr)
+    opt = torch.optim.RMSprop(supsup.start_task(model, args.seed, n), lr=args.lr)
     loss = supsup.train_steps(model, map(batch, batches), opt)
     supsup.finish_task(model)
     return loss

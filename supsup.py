@@ -212,6 +212,27 @@ class MaskedConv2d(MaskedLayer):
         return g.flatten().view(D, -1)
 
 
+def er_density(shape, sparsity):
+    """GG's kept fraction for a layer of weight shape (c_out, c_in, *kernel): the paper's
+    Erdos-Renyi budget min(0.5, s (c_out + c_in) / (c_out c_in k_h k_w)); s is a multiplier,
+    larger s = denser masks (s = 1..32 in the paper)."""
+    return min(0.5, sparsity * (shape[0] + shape[1]) / math.prod(shape))
+
+
+class TaskBatchNorm(nn.Module):
+    """Non-affine BatchNorm with running statistics of its own per task (GG ResNets): task t
+    trains and tests with task t's statistics only, never shared across tasks and never the
+    test batch's (the original's two historic bugs). set_task switches it with the masks."""
+
+    def __init__(self, channels, num_tasks):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.BatchNorm2d(channels, affine=False) for _ in range(num_tasks))
+        self.task = 0
+
+    def forward(self, x):
+        return self.norms[self.task](x)
+
+
 # ---------------------------------------------------------------------------- task control
 
 
@@ -230,9 +251,13 @@ def task_generator(seed, *key):
 
 
 def set_task(model, t):
-    """Use task t's mask (stored, or the scores being trained when t == num_learned)."""
+    """Use task t's mask (stored, or the scores being trained when t == num_learned) and, if
+    the model has them, task t's BatchNorm statistics."""
+    for m in model.modules():
+        if isinstance(m, (MaskedLayer, TaskBatchNorm)):
+            m.task = t
     for m in masked_layers(model):
-        m.task, m.superposed = t, None
+        m.superposed = None
 
 
 def set_alphas(model, alphas):
@@ -378,21 +403,6 @@ def infer_tasks(model, x, weights, objective, binary=False):
 # -------------------------------------------------------------------------- train and test
 
 
-class RMSprop:
-    """torch.optim.RMSprop at its defaults (alpha 0.99, eps 1e-8, no momentum, not centered):
-    the same update, bit for bit, without the per-step bookkeeping (5-10% of a CPU step)."""
-
-    def __init__(self, params, lr, alpha=0.99, eps=1e-8):
-        self.params, self.lr, self.alpha, self.eps = list(params), lr, alpha, eps
-        self.square_avg = [torch.zeros_like(p) for p in self.params]
-
-    def step(self, grads):
-        with torch.no_grad():
-            for p, g, v in zip(self.params, grads, self.square_avg):
-                v.mul_(self.alpha).addcmul_(g, g, value=1 - self.alpha)
-                p.addcdiv_(g, v.sqrt().add_(self.eps), value=-self.lr)
-
-
 def train_steps(model, batches, opt):
     """One optimizer step of cross-entropy per (x, y) batch; returns the mean loss.
 
@@ -402,7 +412,9 @@ def train_steps(model, batches, opt):
     for x, y in batches:
         tasks = y.numel() // y.shape[-1]
         loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten()) * tasks
-        opt.step(torch.autograd.grad(loss, opt.params))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
         total, n = total + loss.detach() / tasks, n + 1
     return float(total) / max(n, 1)
 

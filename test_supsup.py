@@ -9,6 +9,7 @@ import argparse
 import gzip
 import math
 import os
+import pickle
 import sys
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 import data
 import nets
+import run_gg
 import run_gn
 import supsup
 
@@ -131,26 +133,13 @@ def test_one_hot_superposition_equals_single_mask():
 def test_training_changes_neither_weights_nor_earlier_masks():
     net = learned_model(nets.lenet(100, 3), 1)
     before = [(m.weight.clone(), m.bank[0].clone()) for m in supsup.masked_layers(net)]
-    opt = supsup.RMSprop(supsup.start_task(net, 0), lr=1e-2)
+    opt = torch.optim.RMSprop(supsup.start_task(net, 0), lr=1e-2)
     x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
     supsup.train_steps(net, [(x, y)] * 20, opt)
     supsup.finish_task(net)
     for m, (w, b0) in zip(supsup.masked_layers(net), before):
         assert torch.equal(m.weight, w) and torch.equal(m.bank[0], b0)
         assert not torch.equal(m.bank[1], b0)  # the new task did learn a different mask
-
-
-def test_rmsprop_equals_torch_rmsprop_bit_for_bit():
-    ours_p = torch.randn(50, 30, requires_grad=True)
-    ref_p = ours_p.detach().clone().requires_grad_()
-    ours, ref = supsup.RMSprop([ours_p], lr=1e-2), torch.optim.RMSprop([ref_p], lr=1e-2)
-    for i in range(6):
-        g = torch.randn(50, 30) * 10.0**-i
-        g[0] = 0  # weights that get no gradient
-        ours.step([g])
-        ref_p.grad = g.clone()
-        ref.step()
-    assert torch.equal(ours_p, ref_p)
 
 
 def test_parallel_training_matches_sequential():
@@ -211,7 +200,7 @@ def test_g_objective_gradient_only_through_superfluous_outputs():
 def train_tasks(net, inputs, labels, steps, lr, seed=0, batch=64):
     """Train one mask per task on (inputs[t], labels) with RMSprop, as run_gn.py does."""
     for t, x in enumerate(inputs):
-        opt = supsup.RMSprop(supsup.start_task(net, seed), lr=lr)
+        opt = torch.optim.RMSprop(supsup.start_task(net, seed), lr=lr)
         idx = data.train_batches(len(x), batch, steps, seed, t, "cpu")
         supsup.train_steps(net, ((x[i], labels[i]) for i in idx), opt)
         supsup.finish_task(net)
@@ -427,3 +416,102 @@ def test_clear_errors_never_lose_results(tmp_path, monkeypatch, capsys):
     fails(small_args(folder, out), "has results.csv but no ckpt.pt")
     open(os.path.join(out, "ckpt.pt"), "w").write("garbage")
     fails(small_args(folder, out), "unreadable")
+
+
+# ------------------------------------------------------------------------------------- GG
+
+
+def write_fake_cifar100(root, per_class=(6, 2), seed=0):
+    """CIFAR-100's python pickles (cifar-100-python/train and test) with random images."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    for split, n in zip(("train", "test"), per_class):
+        labels = np.repeat(np.arange(100), n)
+        d = {b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
+             b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()}
+        with open(os.path.join(folder, split), "wb") as f:
+            pickle.dump(d, f)
+    return root
+
+
+def test_er_density_budget_of_gemresnet18():
+    net = nets.gemresnet18(5, 1, seed=0, sparsity=8)
+    layers = supsup.masked_layers(net)
+    assert sum(m.weight.numel() for m in layers) == 1_090_940
+    for m in layers:
+        c_out, c_in, kh, kw = m.weight.shape
+        assert m.density == min(0.5, 8 * (c_out + c_in) / (c_out * c_in * kh * kw))
+    assert layers[0].density == pytest.approx(8 * 23 / 540)  # the 3->20 stem: 34%
+    assert layers[-1].density == 0.5  # the 160->5 classifier is capped
+    for s, overall in ((1, 0.0026), (8, 0.0201), (32, 0.0746)):  # densities of the paper's sweep
+        ls = supsup.masked_layers(nets.gemresnet18(5, 1, seed=0, sparsity=s))
+        kept = sum(m.density * m.weight.numel() for m in ls) / 1_090_940
+        assert abs(kept - overall) < 5e-5
+
+
+def test_cifar100_pickles_split_and_errors(tmp_path):
+    root = write_fake_cifar100(str(tmp_path))
+    tx, ty, vx, vy = data.load_cifar100(root, "cpu")
+    assert tx.shape == (600, 3, 32, 32) and vx.shape == (200, 3, 32, 32)
+    raw = pickle.load(open(os.path.join(root, "cifar-100-python", "train"), "rb"))[b"data"]
+    expect = (raw[7].reshape(3, 32, 32) / 255 - np.array(data.CIFAR_MEAN)[:, None, None]) \
+        / np.array(data.CIFAR_STD)[:, None, None]
+    assert np.allclose(tx[7].numpy(), expect, atol=1e-5)  # channel-major, CIFAR-10 statistics
+    split = data.class_split(3, 100, 5)
+    assert split.shape == (20, 5) and sorted(split.flatten().tolist()) == list(range(100))
+    assert not torch.equal(split, data.class_split(4, 100, 5))  # the split depends on the seed
+    x, y = data.task_subset(tx, ty, split[2])
+    assert len(x) == 30 and sorted(set(y.tolist())) == [0, 1, 2, 3, 4]
+    assert torch.equal(split[2][y], ty[torch.isin(ty, split[2])])  # label = position in task
+    with open(os.path.join(root, "cifar-100-python", "test"), "wb") as f:
+        f.write(b"not a pickle")
+    with pytest.raises(supsup.UserError, match="not a CIFAR-100 python pickle"):
+        data.load_cifar100(root, "cpu")
+
+
+def test_crop_flip_equals_per_image_crop_and_flip():
+    x = torch.randn(6, 3, 8, 8)
+    out = data.crop_flip(x, torch.Generator().manual_seed(0), pad=2, fill=[1.0, 2.0, 3.0])
+    g = torch.Generator().manual_seed(0)
+    top, left = torch.randint(0, 5, (2, 6), generator=g)
+    flip = torch.rand(6, generator=g) < 0.5
+    for i in range(6):
+        padded = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1).repeat(1, 12, 12)
+        padded[:, 2:10, 2:10] = x[i]
+        crop = padded[:, top[i]:top[i] + 8, left[i]:left[i] + 8]
+        assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
+
+
+@pytest.mark.parametrize("method", run_gg.METHODS)
+def test_gg_zero_forgetting_bit_for_bit_and_per_task_batchnorm(tmp_path, method):
+    root = write_fake_cifar100(str(tmp_path))
+    argv = ["--data", root, "--tasks", "3", "--epochs", "2", "--method", method,
+            "--sparsity", "32", "--device", "cpu"]
+    rows = run_gg.main(argv + ["--out", str(tmp_path / "run")])  # the whole pipeline
+    assert {r["task"]: r["acc"] for r in rows if r["num_learned"] == r["task"] + 1} == \
+        {r["task"]: r["acc"] for r in rows if r["num_learned"] == 3}
+    assert [r["bytes"] for r in rows[:2]] == [rows[0]["bytes"], 2 * rows[0]["bytes"]]
+
+    p = run_gg.get_parser()
+    args = run_gg.resolve(p.parse_args(argv), p)
+    tx, ty, vx, vy = data.load_cifar100(root, "cpu")
+    split = data.class_split(args.seed, 100, 5)
+    net = run_gg.build_model(args)
+    score_sum = [torch.zeros_like(m.weight) for m in supsup.masked_layers(net)] \
+        if method == "supsup-transfer" else None
+    after = []
+    for t in range(3):  # the logits of each task's test images right after its training
+        run_gg.train_task(net, *data.task_subset(tx, ty, split[t]), args, score_sum)
+        supsup.set_task(net, t)
+        after.append(net(data.task_subset(vx, vy, split[t])[0]))
+    for t in range(3):
+        supsup.set_task(net, t)
+        assert torch.equal(net(data.task_subset(vx, vy, split[t])[0]), after[t])
+    bn = [m for m in net.modules() if isinstance(m, supsup.TaskBatchNorm)][0]
+    stats = [n.running_mean.clone() for n in bn.norms]
+    assert not torch.equal(stats[0], stats[1]) and not torch.equal(stats[1], stats[2])
+    x = torch.randn(4, 20, 8, 8)
+    supsup.set_task(net, 1)  # the switch restores task 1's statistics
+    assert bn.task == 1
+    assert torch.equal(bn(x), F.batch_norm(x, stats[1], bn.norms[1].running_var, eps=1e-5))
