@@ -73,6 +73,9 @@ def resolve(args, parser):
         parser.error(f"--tasks {args.tasks}: {args.dataset} has {most} tasks")
     if args.wd < 0:
         parser.error(f"--wd {args.wd} is negative")
+    if args.model != "gemresnet18" and spec["channels"] != 1:
+        parser.error(f"--model {args.model} takes 28x28 MNIST images; {args.dataset} needs "
+                     "--model gemresnet18")
     args.out = args.out or os.path.join("runs", "gg-{}-{}-{}-s{:g}-T{}-seed{}".format(
         args.dataset, args.model, args.method, args.sparsity, args.tasks, args.seed))
     return args
@@ -86,10 +89,10 @@ def build_model(args):
     return NETS[args.model](spec["per_task"], args.tasks, args.seed, args.sparsity)
 
 
-def task_data(x, y, classes, model_name):
-    """Task data from class list; images flattened for the MLPs."""
+def task_data(x, y, classes, flat):
+    """The images of the task's classes, labelled 0..c-1; flattened for the MLPs (flat)."""
     x, y = data.task_subset(x, y, classes)
-    return (x.flatten(1) if model_name in ("lenet", "fc1024") else x), y
+    return (x.flatten(1) if flat else x), y
 
 
 def epoch_batches(x, y, args, t, epoch, augment):
@@ -133,25 +136,18 @@ def accuracy(model, x, y, t):
     return (supsup.predict(model, x, chunk=500) == y).sum().item() / len(y)
 
 
-def paper_bytes(model, t):
-    """The paper's storage of task t's masks: scipy CSC with int16 indices, per layer viewed
-    as [c_out, c_in k_h k_w]: 2 bytes per kept weight + 2 per column pointer."""
-    total = 0
+def task_bytes(model, t):
+    """(bytes, paper_bytes) to serve learned task t: its masks as we store them (Elias-Fano,
+    supsup.elias_fano) and as the paper does (scipy CSC with int16 row indices and column
+    pointers, each layer viewed as [c_out, c_in k_h k_w]), plus, in both, its BatchNorm
+    statistics (fp32 mean and variance per channel). W costs nothing: the seed makes it."""
+    ours = paper = sum(8 * m.norms[t].num_features for m in model.modules()
+                       if isinstance(m, supsup.TaskBatchNorm))
     for m in supsup.masked_layers(model):
-        kept = int(m.masks(t, t + 1).sum())
-        total += 2 * kept + 2 * (m.weight[0].numel() + 1)
-    return total
-
-
-def bn_bytes(model):
-    """fp32 running mean and variance per channel of one task's BatchNorm layers."""
-    return sum(8 * m.norms[0].num_features for m in model.modules()
-               if isinstance(m, supsup.TaskBatchNorm))
-
-
-def mask_bytes(model):
-    """One task's masks as this repository stores them: 1 bit per weight."""
-    return sum(m.bank.shape[1] for m in supsup.masked_layers(model))
+        mask = m.masks(t, t + 1)[0].bool()
+        ours += len(supsup.elias_fano(mask.cpu().numpy()))
+        paper += 2 * int(mask.sum()) + 2 * (m.weight[0].numel() + 1)
+    return ours, paper
 
 
 def summary(rows, k):
@@ -170,6 +166,7 @@ def run(args):
     spec = DATASETS[args.dataset]
     split = data.class_split(args.seed, spec["classes"], spec["per_task"], spec["shuffle"])
     model = build_model(args).to(device)
+    flat = isinstance(supsup.masked_layers(model)[0], supsup.MaskedLinear)
     score_sum = None
     if args.method == "supsup-transfer":
         score_sum = [torch.zeros_like(m.weight) for m in supsup.masked_layers(model)]
@@ -184,29 +181,29 @@ def run(args):
     start = time.time() - (ckpt["seconds"] if ckpt else 0)
     density = sum(m.density * m.weight.numel() for m in supsup.masked_layers(model)) / sum(
         m.weight.numel() for m in supsup.masked_layers(model))
-    per_task = mask_bytes(model) + bn_bytes(model)
-    paper = ckpt["paper"] if ckpt else []  # each learned task's paper-format bytes
+    sizes = ckpt["sizes"] if ckpt else []  # (bytes, paper_bytes) of each learned task
     for t in range(num_learned(model), args.tasks):
         t0 = time.time()
-        x, y = task_data(train_x, train_y, split[t], args.model)
+        x, y = task_data(train_x, train_y, split[t], flat)
         loss = train_task(model, x, y, args, score_sum)
         train_seconds.append(round(time.time() - t0, 2))
-        paper.append(paper_bytes(model, t) + bn_bytes(model))
+        sizes.append(task_bytes(model, t))
         # right after training; after the last task, every task again (zero forgetting)
-        new = [dict(task=i, acc=accuracy(model, *task_data(test_x, test_y, split[i], args.model),
-                                         i), train_seconds=train_seconds[i])
+        new = [dict(task=i, acc=accuracy(model, *task_data(test_x, test_y, split[i], flat), i),
+                    train_seconds=train_seconds[i])
                for i in ([t] if t + 1 < args.tasks else range(args.tasks))]
         for r in new:
             r.update(scenario="GG", dataset=args.dataset, model=args.model, method=args.method,
                      sparsity=args.sparsity, density=round(density, 6), seed=args.seed,
-                     num_learned=t + 1, bytes=per_task * (t + 1), paper_bytes=sum(paper),
+                     num_learned=t + 1, bytes=sum(s[0] for s in sizes),
+                     paper_bytes=sum(s[1] for s in sizes),
                      seconds=round(time.time() - start, 1))
         rows += new
         supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
         print(f"[GG {args.method} s={args.sparsity:g}] task {t + 1}/{args.tasks}  loss {loss:.3f}"
               f"  acc {new[-1]['acc']:.4f}  {train_seconds[t]:.1f}s", flush=True)
         state = dict(args=vars(args), model=model.state_dict(), learned=t + 1, rows=rows,
-                     paper=paper, train_seconds=train_seconds, seconds=time.time() - start)
+                     sizes=sizes, train_seconds=train_seconds, seconds=time.time() - start)
         if score_sum is not None:
             state["score_sum"] = [s.cpu() for s in score_sum]
         supsup.save_checkpoint(args.out, state)

@@ -94,6 +94,32 @@ def unpack(packed, n, out=None):
     return rows.view(*packed.shape[:-1], -1)[..., :n]
 
 
+def elias_fano(mask):
+    """A sparse mask (bool [N], numpy) as Elias-Fano bytes: with n kept weights and
+    l = floor(log2(N / n)), the low l bits of each kept position, packed, then the high parts
+    in unary (bit high_i + i set). About 2 + log2(1 / density) bits per kept weight; n is the
+    top-k count, known from N and the density, so it is not stored. Lossless (see
+    elias_fano_decode)."""
+    pos, N = np.flatnonzero(mask), len(mask)
+    low_bits = max(0, int(np.log2(N / max(len(pos), 1))))
+    low = (pos[:, None] >> np.arange(low_bits - 1, -1, -1)) & 1
+    high = np.zeros(len(pos) + (N >> low_bits) + 1, np.uint8)
+    high[(pos >> low_bits) + np.arange(len(pos))] = 1
+    return np.packbits(low.astype(np.uint8)).tobytes() + np.packbits(high).tobytes()
+
+
+def elias_fano_decode(code, n, N):
+    """Inverse of elias_fano: bytes, kept count n, mask length N -> bool [N] (numpy)."""
+    low_bits = max(0, int(np.log2(N / max(n, 1))))
+    split = -(-n * low_bits // 8)
+    bits = np.unpackbits(np.frombuffer(code, np.uint8))
+    low = bits[: n * low_bits].reshape(n, low_bits) @ (1 << np.arange(low_bits - 1, -1, -1))
+    high = np.flatnonzero(np.unpackbits(np.frombuffer(code[split:], np.uint8)))[:n] - np.arange(n)
+    mask = np.zeros(N, bool)
+    mask[(high << low_bits) + low] = True
+    return mask
+
+
 # ---------------------------------------------------------------------------------- layers
 
 CHUNK = 2**26  # floats in one working chunk: unpacked masks, or per-decision gradients
