@@ -3,6 +3,7 @@
     python run_gg.py --sparsity 8                          # SplitCIFAR100, GEMResNet-18, SupSup
     python run_gg.py --method supsup-transfer               # scores start from earlier tasks'
     python run_gg.py --dataset splitmnist --model lenet     # 5 tasks of 2 digits, on MNIST
+    python run_gg.py --task 3                               # task 3 alone (one per GPU)
 
 Each task learns a top-k supermask over fixed signed-constant weights, at the paper's per-layer
 density for the sparsity multiplier s (1..32), with its own non-affine BatchNorm statistics:
@@ -23,7 +24,7 @@ import supsup
 from nets import NETS
 from supsup import num_learned, positive_float, positive_int
 
-DATASETS = {  # loader, classes, classes per task, shuffled split, augmentation, input shape
+DATASETS = {  # loader, classes, classes per task, shuffled split, augmentation, channels
     "splitcifar100": dict(load=data.load_cifar100, classes=100, per_task=5, shuffle=True,
                           augment=True, channels=3),
     "splitmnist": dict(load=data.load_mnist_images, classes=10, per_task=2, shuffle=False,
@@ -58,6 +59,10 @@ def get_parser():
     p.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--wd", type=float, default=1e-4, help="Adam weight decay on the scores")
+    p.add_argument("--task", type=int, default=None,
+                   help="learn and score only task i (0-based), in OUT/taski/, to spread the "
+                        "tasks over GPUs or machines; when the last is done, OUT/results.csv "
+                        "gets the table of a full run")
     supsup.add_common_args(p)
     return p
 
@@ -73,6 +78,8 @@ def resolve(args, parser):
         parser.error(f"--tasks {args.tasks}: {args.dataset} has {most} tasks")
     if args.wd < 0:
         parser.error(f"--wd {args.wd} is negative")
+    if args.task is not None and not 0 <= args.task < args.tasks:
+        parser.error(f"--task {args.task} is not in 0..{args.tasks - 1}")
     if args.model != "gemresnet18" and spec["channels"] != 1:
         parser.error(f"--model {args.model} takes 28x28 MNIST images; {args.dataset} needs "
                      "--model gemresnet18")
@@ -150,23 +157,45 @@ def task_bytes(model, t):
     return ours, paper
 
 
+def rows_at(args, t, accs, sizes, train_seconds, density, seconds):
+    """results.csv rows once task t is learned: task t right after its training, and after the
+    last task every task again (accs: task -> accuracy; sizes: (bytes, paper_bytes) per task)."""
+    tasks = [t] if t + 1 < args.tasks else range(args.tasks)
+    return [dict(scenario="GG", dataset=args.dataset, model=args.model, method=args.method,
+                 sparsity=args.sparsity, density=round(density, 6), seed=args.seed,
+                 num_learned=t + 1, task=i, acc=accs[i], bytes=sum(s[0] for s in sizes[:t + 1]),
+                 paper_bytes=sum(s[1] for s in sizes[:t + 1]), train_seconds=train_seconds[i],
+                 seconds=seconds) for i in tasks]
+
+
 def summary(rows, k):
     at = [r for r in rows if r["num_learned"] == k]
     return f"learned {k}: acc {np.mean([r['acc'] for r in at]):.4f}"
 
 
+def setup(args):
+    """The data, the class split, the model on the device, and whether it takes flat input."""
+    device = supsup.get_device(args.device)
+    sets = DATASETS[args.dataset]["load"](args.data, device)
+    spec = DATASETS[args.dataset]
+    split = data.class_split(args.seed, spec["classes"], spec["per_task"], spec["shuffle"])
+    model = build_model(args).to(device)
+    layers = supsup.masked_layers(model)
+    density = sum(m.density * m.weight.numel() for m in layers) / sum(
+        m.weight.numel() for m in layers)
+    return sets, split, model, isinstance(layers[0], supsup.MaskedLinear), density
+
+
 def run(args):
+    if args.task is not None:
+        return run_task(args)
     ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
     rows = ckpt["rows"] if ckpt else []
     if ckpt and ckpt["learned"] == args.tasks:
         print(summary(rows, args.tasks) + f"  (finished; {args.out}/results.csv)")
         return rows
-    device = supsup.get_device(args.device)
-    train_x, train_y, test_x, test_y = DATASETS[args.dataset]["load"](args.data, device)
-    spec = DATASETS[args.dataset]
-    split = data.class_split(args.seed, spec["classes"], spec["per_task"], spec["shuffle"])
-    model = build_model(args).to(device)
-    flat = isinstance(supsup.masked_layers(model)[0], supsup.MaskedLinear)
+    (train_x, train_y, test_x, test_y), split, model, flat, density = setup(args)
+    device = train_x.device
     score_sum = None
     if args.method == "supsup-transfer":
         score_sum = [torch.zeros_like(m.weight) for m in supsup.masked_layers(model)]
@@ -179,8 +208,6 @@ def run(args):
             score_sum = [s.to(device) for s in ckpt["score_sum"]]
         print(f"resuming {args.out} after task {num_learned(model)}")
     start = time.time() - (ckpt["seconds"] if ckpt else 0)
-    density = sum(m.density * m.weight.numel() for m in supsup.masked_layers(model)) / sum(
-        m.weight.numel() for m in supsup.masked_layers(model))
     sizes = ckpt["sizes"] if ckpt else []  # (bytes, paper_bytes) of each learned task
     for t in range(num_learned(model), args.tasks):
         t0 = time.time()
@@ -189,15 +216,9 @@ def run(args):
         train_seconds.append(round(time.time() - t0, 2))
         sizes.append(task_bytes(model, t))
         # right after training; after the last task, every task again (zero forgetting)
-        new = [dict(task=i, acc=accuracy(model, *task_data(test_x, test_y, split[i], flat), i),
-                    train_seconds=train_seconds[i])
-               for i in ([t] if t + 1 < args.tasks else range(args.tasks))]
-        for r in new:
-            r.update(scenario="GG", dataset=args.dataset, model=args.model, method=args.method,
-                     sparsity=args.sparsity, density=round(density, 6), seed=args.seed,
-                     num_learned=t + 1, bytes=sum(s[0] for s in sizes),
-                     paper_bytes=sum(s[1] for s in sizes),
-                     seconds=round(time.time() - start, 1))
+        accs = {i: accuracy(model, *task_data(test_x, test_y, split[i], flat), i)
+                for i in ([t] if t + 1 < args.tasks else range(args.tasks))}
+        new = rows_at(args, t, accs, sizes, train_seconds, density, round(time.time() - start, 1))
         rows += new
         supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
         print(f"[GG {args.method} s={args.sparsity:g}] task {t + 1}/{args.tasks}  loss {loss:.3f}"
@@ -209,6 +230,55 @@ def run(args):
         supsup.save_checkpoint(args.out, state)
     print(summary(rows, args.tasks) + f"  done in {(time.time() - start) / 60:.1f} min; "
           f"results in {args.out}/results.csv")
+    return rows
+
+
+def run_task(args):
+    """--task i: learn and score task i alone in OUT/task{i}/ (its own checkpoint), then merge.
+    With per-task masks and BatchNorm, task i comes out exactly as in a full run."""
+    if args.method == "supsup-transfer":
+        raise supsup.UserError("--task needs --method supsup: supsup-transfer starts every "
+                               "task from the earlier tasks' scores")
+    if os.path.exists(os.path.join(args.out, "ckpt.pt")):
+        raise supsup.UserError(f"{args.out} holds a run of all tasks; pass another --out for "
+                               "--task runs")
+    sub = os.path.join(args.out, f"task{args.task}")
+    ckpt = supsup.open_run(sub, vars(args), results="results.csv")
+    if ckpt is None:
+        (train_x, train_y, test_x, test_y), split, model, flat, density = setup(args)
+        for m in supsup.masked_layers(model):
+            m.num_learned = args.task  # task i's slot, seeds and statistics
+        t0 = time.time()
+        loss = train_task(model, *task_data(train_x, train_y, split[args.task], flat), args,
+                          None)
+        seconds = round(time.time() - t0, 2)
+        acc = accuracy(model, *task_data(test_x, test_y, split[args.task], flat), args.task)
+        ckpt = dict(args=vars(args), model=model.state_dict(), acc=acc, seconds=seconds,
+                    size=task_bytes(model, args.task), density=density)
+        supsup.save_checkpoint(sub, ckpt)
+        print(f"[GG {args.method} s={args.sparsity:g}] task {args.task + 1}/{args.tasks} alone"
+              f"  loss {loss:.3f}  acc {acc:.4f}  {seconds:.1f}s", flush=True)
+    return merge_tasks(args)
+
+
+def merge_tasks(args):
+    """Once every task of OUT/task*/ is done, write OUT/results.csv: the table of a full run."""
+    done = {}
+    for i in range(args.tasks):
+        path = os.path.join(args.out, f"task{i}", "ckpt.pt")
+        if os.path.exists(path):
+            done[i] = torch.load(path, weights_only=True)
+    if len(done) < args.tasks:
+        print(f"{len(done)} of {args.tasks} tasks done; {args.out}/results.csv comes with the "
+              "last (run the others with --task)")
+        return []
+    accs = {i: c["acc"] for i, c in done.items()}
+    sizes = [done[i]["size"] for i in range(args.tasks)]
+    seconds = [done[i]["seconds"] for i in range(args.tasks)]
+    rows = [r for t in range(args.tasks) for r in rows_at(
+        args, t, accs, sizes, seconds, done[0]["density"], round(sum(seconds[:t + 1]), 1))]
+    supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
+    print(summary(rows, args.tasks) + f"  (merged {args.tasks} tasks; {args.out}/results.csv)")
     return rows
 
 

@@ -552,3 +552,22 @@ def test_gg_resume_equals_uninterrupted_and_missing_data(tmp_path, monkeypatch, 
         run_gg.main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1 and "cifar-100-python" in err
+
+
+def test_gg_task_runs_merge_into_the_full_table(tmp_path, capsys):
+    root = write_fake_cifar100(str(tmp_path))
+    argv = ["--data", root, "--tasks", "3", "--epochs", "1", "--sparsity", "4", "--device",
+            "cpu", "--out"]
+    full = run_gg.main(argv + [str(tmp_path / "full")])
+    for i in (2, 0):
+        assert run_gg.main(argv + [str(tmp_path / "split"), "--task", str(i)]) == []
+    merged = run_gg.main(argv + [str(tmp_path / "split"), "--task", "1"])  # the last one
+    drop = ("seconds", "train_seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in merged] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in full]
+    assert open(tmp_path / "split" / "results.csv").read().splitlines()[0] == \
+        ",".join(run_gg.COLUMNS)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a folder with a full run takes no --task runs
+        run_gg.main(argv + [str(tmp_path / "full"), "--task", "0"])
+    assert "holds a run of all tasks" in capsys.readouterr().err
