@@ -146,7 +146,7 @@ def load_cifar100(root, device):
             y = np.asarray(d[b"fine_labels"], np.int64)
             if len(y) != len(x) or y.min() < 0 or y.max() > 99:
                 raise ValueError("labels do not match the images")
-        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+        except Exception as e:  # unreadable, not a pickle, or not CIFAR-100's dict
             raise UserError(f"{path} is not a CIFAR-100 python pickle ({type(e).__name__}: "
                             f"{e}); delete it and download it again") from None
         x = (torch.from_numpy(x).float() / 255 - mean) / std
