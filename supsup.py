@@ -163,21 +163,27 @@ class MaskedLayer(nn.Module):
         """Stored masks of tasks lo..hi-1 as float 0/1, [hi-lo, N]."""
         return unpack(self.bank[lo:hi], self.weight.numel(), out)
 
-    def chunks(self, k, reuse=True):
-        """(lo, masks [c, N]) over the first k stored masks, about CHUNK floats at a time. With
-        reuse all chunks share one buffer: use each before asking for the next."""
+    def terms(self, k, reuse=True):
+        """(lo, W * M_i for i in lo..lo+c-1, [c, N]) over the first k stored masks, about
+        CHUNK floats at a time: the terms of the superposition. With reuse all chunks share one
+        buffer: use each before asking for the next."""
         size = max(1, CHUNK // self.weight.numel())
         shape = (min(size, k), self.bank.shape[1] * 8)
         buf = torch.empty(shape, device=self.bank.device) if reuse else None
         for lo in range(0, k, size):
             hi = min(k, lo + size)
-            yield lo, self.masks(lo, hi, None if buf is None else buf[: hi - lo])
+            masks = self.masks(lo, hi, None if buf is None else buf[: hi - lo])
+            yield lo, masks.mul_(self.weight.flatten())
 
-    def superpose(self, alphas, reuse=True):
+    def superpose(self, alphas, reuse=True, terms=None):
         """W * sum_i alphas[..., i] M_i over the first alphas.shape[-1] stored masks (paper
-        Eq. 2): [N] for alphas [k], [D, N] for alphas [D, k]."""
-        chunks = self.chunks(alphas.shape[-1], reuse)
-        return self.weight.flatten() * sum(alphas[..., lo:lo + len(M)] @ M for lo, M in chunks)
+        Eq. 2): [N] for alphas [k], [D, N] for alphas [D, k]. terms: the (lo, W * M) chunks,
+        if already unpacked."""
+        total = None
+        for lo, WM in terms or self.terms(alphas.shape[-1], reuse):
+            part = alphas[..., lo:lo + len(WM)] @ WM
+            total = part if total is None else total + part  # sum() would copy the first
+        return total
 
     def effective_weight(self):
         if self.superposed is not None:
@@ -369,27 +375,30 @@ def alpha_grads(model, x, weights, alphas, objective):
 
     x [D, R, ...]: the R inputs of each decision; weights [D, R]: their weights in O_b
     (1/R each, 0 for padding); alphas [k] (one superposition for all) or [D, k]. Uses, layer
-    by layer,  d O_b / d alpha_i = <W * M_i, d O_b / d W_eff> = <M_i, W * d O_b / d W_eff>:
+    by layer,  d O_b / d alpha_i = <W * M_i, d O_b / d W_eff>  (reference Sec. 3.4):
     superposed forwards and backwards to the layer outputs, a chunk of decisions at a time,
     give each decision's dO_b/dW_eff = sum_r delta_r x_r^T; then each chunk of the bit-packed
-    bank is unpacked once and meets every decision in one matrix product per decision chunk.
+    bank is unpacked once (as W * M_i) and meets every decision in one matrix product per
+    decision chunk.
     Besides the decisions' layer activations, working memory is a few CHUNKs, whatever k.
     Returns [D, k]; equals autograd through set_alphas (see the tests).
     """
     layers, k, step = masked_layers(model), alphas.shape[-1], decision_chunk(model)
-    shared = [m.superpose(alphas) for m in layers] if alphas.dim() == 1 else None
-    acts = [layer_grads(model, x[i:i + step], weights[i:i + step],
-                        shared or [m.superpose(alphas[i:i + step]) for m in layers], objective)
-            for i in range(0, len(x), step)]
+    # a layer whose whole bank fits in one chunk is unpacked once here, for every use below
+    banks = [list(m.terms(k, reuse=False)) if k * m.weight.numel() <= CHUNK else None
+             for m in layers]
+    shared = ([m.superpose(alphas, terms=b) for m, b in zip(layers, banks)]
+              if alphas.dim() == 1 else None)
+    acts = [layer_grads(model, x[i:i + step], weights[i:i + step], shared or [
+        m.superpose(alphas[i:i + step], terms=b) for m, b in zip(layers, banks)], objective)
+        for i in range(0, len(x), step)]
     g = torch.zeros(len(x), k, device=x.device)
     for j, m in enumerate(layers):
-        w = m.weight.flatten()
-        buf = torch.empty(min(step, len(x)), w.numel(), device=x.device)  # reused: no page faults
-        for lo, M in m.chunks(k):
+        buf = torch.empty(min(step, len(x)), m.weight.numel(), device=x.device)  # reused
+        for lo, WM in banks[j] or m.terms(k):
             for i, chunk in zip(range(0, len(x), step), acts):
-                inp, delta = chunk[j]
-                grads = m.decision_grads(inp, delta, buf[:len(inp)]).mul_(w)
-                g[i:i + len(inp), lo:lo + len(M)] += grads @ M.T
+                grads = m.decision_grads(*chunk[j], buf[:len(chunk[j][0])])
+                g[i:i + len(grads), lo:lo + len(WM)] += grads @ WM.T
     return g
 
 
