@@ -60,26 +60,27 @@ def find_mnist(root):
     return None
 
 
-def download_mnist(root):
-    """Fetch MNIST with torchvision (imported only here: the rest never needs it)."""
+def download(root, fetch, missing, fix):
+    """Fetch a data set into root with torchvision, imported only here (the rest never needs
+    it): fetch(torchvision.datasets) downloads; missing says what is absent, fix what to do."""
     try:
         from torchvision import datasets
     except Exception as e:  # not installed, or built for another torch
-        raise UserError(f"MNIST is not in {root} (expected {', '.join(FILES)}, gzipped or not) "
-                        f"and torchvision cannot download it ({str(e).splitlines()[0]}); "
-                        "put the four files there or pass --data DIR") from None
+        raise UserError(f"{missing} and torchvision cannot download it "
+                        f"({str(e).splitlines()[0]}); {fix}") from None
     try:
-        datasets.MNIST(root, download=True)
+        fetch(datasets)
     except Exception as e:
-        raise UserError(f"downloading MNIST into {root} failed ({e}); put the four files "
-                        f"({', '.join(FILES)}) there or pass --data DIR") from None
+        raise UserError(f"downloading into {root} failed ({e}); {fix}") from None
 
 
 def load_mnist(root, device):
     """-> (train_x, train_y, test_x, test_y); x: [n, 785] normalized pixels + the fill column."""
     paths = find_mnist(root)
     if paths is None:
-        download_mnist(root)
+        download(root, lambda datasets: datasets.MNIST(root, download=True),
+                 f"MNIST is not in {root} (expected {', '.join(FILES)}, gzipped or not)",
+                 "put the four files there or pass --data DIR")
         paths = find_mnist(root)
     arrays = [read_idx(p) for p in paths]
     for x, y, p in ((arrays[0], arrays[1], paths[0]), (arrays[2], arrays[3], paths[2])):
@@ -134,7 +135,9 @@ def load_cifar100(root, device):
     root/cifar-100-python; x: [n, 3, 32, 32] normalized, y: the 100 fine labels."""
     folder = os.path.join(root, "cifar-100-python")
     if not all(os.path.isfile(os.path.join(folder, s)) for s in ("train", "test")):
-        download_cifar100(root)
+        download(root, lambda datasets: datasets.CIFAR100(root, download=True),
+                 f"CIFAR-100 is not in {folder} (expected its python version's train and test "
+                 "files)", f"unpack cifar-100-python.tar.gz into {root} or pass --data DIR")
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (CIFAR_MEAN, CIFAR_STD))
     out = []
     for split in ("train", "test"):
@@ -152,23 +155,6 @@ def load_cifar100(root, device):
         x = (torch.from_numpy(x).float() / 255 - mean) / std
         out += [x.to(device), torch.from_numpy(y).to(device)]
     return out
-
-
-def download_cifar100(root):
-    """Fetch CIFAR-100's python version with torchvision (imported only here)."""
-    where = os.path.join(root, "cifar-100-python")
-    try:
-        from torchvision import datasets
-    except Exception as e:  # not installed, or built for another torch
-        raise UserError(f"CIFAR-100 is not in {where} (expected its python version's train and "
-                        f"test files) and torchvision cannot download it "
-                        f"({str(e).splitlines()[0]}); unpack cifar-100-python.tar.gz into "
-                        f"{root} or pass --data DIR") from None
-    try:
-        datasets.CIFAR100(root, download=True)
-    except Exception as e:
-        raise UserError(f"downloading CIFAR-100 into {root} failed ({e}); unpack "
-                        f"cifar-100-python.tar.gz there or pass --data DIR") from None
 
 
 def load_mnist_images(root, device):

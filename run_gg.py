@@ -13,7 +13,6 @@ again after the last task: with frozen masks and per-task statistics they are eq
 bit (zero forgetting). README.md has our numbers.
 """
 import os
-import sys
 import time
 
 import numpy as np
@@ -284,14 +283,7 @@ def merge_tasks(args):
 
 def main(argv=None):
     parser = get_parser()
-    args = resolve(parser.parse_args(argv), parser)
-    supsup.keep_freed_memory()
-    try:
-        return run(args)
-    except supsup.UserError as e:
-        print(f"run_gg.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
+    return supsup.run_or_exit(run, resolve(parser.parse_args(argv), parser), "run_gg.py")
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,6 @@ right; GNs scores it with whatever mask was inferred. The paper reports 94.91% f
 permutations; README.md has our numbers and runtimes.
 """
 import os
-import sys
 import time
 
 import torch
@@ -211,14 +210,7 @@ def run(args):
 
 def main(argv=None):
     parser = get_parser()
-    args = resolve(parser.parse_args(argv), parser)
-    supsup.keep_freed_memory()
-    try:
-        return run(args)
-    except supsup.UserError as e:
-        print(f"run_gn.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
+    return supsup.run_or_exit(run, resolve(parser.parse_args(argv), parser), "run_gn.py")
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -544,6 +545,17 @@ def keep_freed_memory():
         return
     libc.mallopt(-1, 1 << 28)  # M_TRIM_THRESHOLD: trim only once 256 MB lie free
     libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap
+
+
+def run_or_exit(run, args, prog):
+    """A run script's main: run(args) with freed memory kept; a UserError (bad input or
+    files) becomes one line on stderr and exit status 1."""
+    keep_freed_memory()
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def write_atomic(path, write, mode="w"):
