@@ -1,5 +1,5 @@
-"""Task data as tensors on the run's device: PermutedMNIST, RotatedMNIST, SplitMNIST and
-SplitCIFAR100.
+"""Task data: PermutedMNIST, RotatedMNIST, SplitMNIST and SplitCIFAR100 as tensors on the run's
+device, SplitImageNet as DataLoaders.
 
 The whole data set is read once from its idx files and kept as one normalized float tensor.
 A task is a pixel map: output pixel j of task t is input column map[j]. PermutedMNIST's map is a
@@ -8,6 +8,8 @@ extra column holding the normalized value of black. Batches are index gathers: n
 transforms, no DataLoader. Every random draw comes from a generator keyed by (seed, task).
 Split data sets are class partitions of one data set, relabelled 0..c-1 within each task;
 CIFAR's augmentation (random crop with padding 4, horizontal flip) runs on whole batches.
+SplitImageNet, the one data set that does not fit in memory, is the exception: its ImageFolder
+files are decoded with Pillow and augmented per image in DataLoader workers.
 """
 import gzip
 import math
@@ -198,3 +200,152 @@ def crop_flip(x, generator, pad=4, fill=None):
     rows = top[:, None] + torch.arange(H, device=x.device)  # [B, H]
     b = torch.arange(B, device=x.device)[:, None, None]
     return padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+# ------------------------------------------------------------------------------ SplitImageNet
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def image_folder(root):
+    """-> (classes, samples) of an ImageFolder split, in torchvision's order: classes are the
+    sorted subfolders of root, samples (path, class index) every image file under each class
+    folder, walked recursively in sorted order."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not an ImageFolder split (expected ROOT/CLASS/IMAGE files); "
+                        "pass --data DIR holding train/ and val/")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    samples, empty = [], []
+    for index, name in enumerate(classes):
+        n = len(samples)
+        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            samples += [(os.path.join(folder, f), index) for f in sorted(files)
+                        if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if len(samples) == n:
+            empty.append(name)
+    if not samples:
+        raise UserError(f"{root} holds no class folder with images (expected ROOT/CLASS/IMAGE "
+                        "files); pass --data DIR holding train/ and val/")
+    if empty:
+        raise UserError(f"class folders without images in {root}: {', '.join(empty[:5])}"
+                        f"{' ...' if len(empty) > 5 else ''}; add their images or remove them")
+    return classes, samples
+
+
+def pil_image():
+    """Pillow's Image module, imported only when an image is decoded."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UserError("SplitImageNet decodes images with Pillow, which is not installed; "
+                        "pip install pillow") from None
+    return Image
+
+
+def open_rgb(path):
+    """The image file at path as an RGB PIL image, read as torchvision's loader reads it."""
+    Image = pil_image()
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # unreadable, truncated, or not an image
+        reason = (str(e).splitlines() or [""])[0]
+        raise UserError(f"cannot decode the image {path} ({type(e).__name__}: {reason}); "
+                        "delete or replace it") from None
+
+
+def random_resized_crop(width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (left, top, w, h), drawn as torchvision draws it from torch's
+    global RNG: 10 tries of a random area and log-uniform aspect ratio, else a central crop."""
+    area, log_ratio = width * height, torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,)).item()
+            left = torch.randint(0, width - w + 1, size=(1,)).item()
+            return left, top, w, h
+    w, h = width, height  # the fallback: the whole image, clamped to the ratio range
+    if width / height < min(ratio):
+        h = int(round(w / min(ratio)))
+    elif width / height > max(ratio):
+        w = int(round(h * max(ratio)))
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class TaskImages(torch.utils.data.Dataset):
+    """The images of one task's classes in one split, labelled by position in `classes`
+    (0..c-1). Train: RandomResizedCrop(size) + horizontal flip; test: Resize(size * 256 / 224)
+    + CenterCrop(size); both as torchvision does them on PIL images, then normalized."""
+
+    def __init__(self, samples, classes, train, size=224):
+        label = {int(c): i for i, c in enumerate(classes)}
+        self.samples = [(p, label[c]) for p, c in samples if c in label]
+        found = {c for _, c in samples}
+        missing = [c for c in label if c not in found]
+        if missing:
+            raise UserError(f"classes {missing[:5]} of the task have no images (the split has "
+                            f"{max(found) + 1} classes); pass --data DIR with all classes")
+        self.train, self.size = train, size
+        self.mean, self.std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN,
+                                                                        IMAGENET_STD))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        img, size, Image = open_rgb(path), self.size, pil_image()
+        if self.train:
+            left, top, w, h = random_resized_crop(*img.size)
+            img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+            if torch.rand(1) < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            W, H, short = *img.size, round(size * 256 / 224)
+            new = (short, int(short * H / W)) if W <= H else (int(short * W / H), short)
+            if new != (W, H):
+                img = img.resize(new, Image.BILINEAR)
+            top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
+            img = img.crop((left, top, left + size, top + size))
+        x = torch.from_numpy(np.asarray(img, np.uint8).transpose(2, 0, 1).copy()).float() / 255
+        return (x - self.mean) / self.std, label
+
+
+class TaskLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers' UserErrors come back as their own one line (the DataLoader
+    wraps them in the worker's traceback)."""
+
+    def __iter__(self):
+        batches, message = super().__iter__(), None
+        while message is None:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except UserError as e:
+                lines = str(e).strip().splitlines()
+                message = lines[-1].partition(": ")[2] if len(lines) > 1 else lines[0]
+                e.__traceback__ = None  # its frames hold it and the workers: free both now
+            else:
+                yield batch
+        del batches  # stops the workers now, not when the error's traceback is freed
+        raise UserError(message)
+
+
+def task_loader(root, classes, train, batch_size, workers, generator=None, size=224):
+    """Batches (x [B, 3, size, size], y [B]) of one task's classes in the split folder root,
+    shuffled when training; `generator` seeds the shuffle and the workers' augmentation
+    (with workers=0 the augmentation draws from this process's global RNG)."""
+    return TaskLoader(TaskImages(image_folder(root)[1], classes, train, size),
+                      batch_size=batch_size, shuffle=train, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=False,
+                      persistent_workers=False, generator=generator)
+
+
+def imagenet_split(num_classes=1000, per_task=10):
+    """[100, 10] classes of SplitImageNet: 100 tasks of 10 consecutive classes of one fixed
+    permutation (seed 1, as the original, whatever the run's seed)."""
+    return class_split(1, num_classes, per_task, shuffle=True)

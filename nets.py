@@ -1,14 +1,22 @@
-"""The paper's networks, built from supsup.py's masked layers. No biases anywhere.
+"""The paper's networks, built by a layer factory: SupSup's masked layers, or the baselines'
+dense ones. No biases anywhere.
 
 lenet  = 784-300-100-s   (PermutedMNIST, 2500 tasks, NNs; s = 100, or 500 for 2500 tasks)
 fc1024 = 784-1024-1024-s (PermutedMNIST s = 500, RotatedMNIST s = 200)
-gemresnet18: GEM's reduced ResNet-18 (widths 20/40/80/160) with per-task non-affine
-BatchNorm, for GG on SplitCIFAR100 (s = 5 outputs per task).
+gemresnet18: GEM's reduced ResNet-18 (widths 20/40/80/160), for GG on SplitCIFAR100
+resnet50: ResNet-50 v1.5 with a 1x1 classifier of 10 outputs, for GG on SplitImageNet
 
 GN/NNs (sparsity None): threshold masks, and the first 10 of the s outputs carry the digit
 labels; the rest are superfluous neurons that never get a label and help task inference (paper
-Sec. 3.6). GG (a sparsity s): top-k masks at the per-layer density er_density(shape, s).
+Sec. 3.6). GG (a sparsity s): top-k masks at the per-layer density er_density(shape, s), and
+non-affine BatchNorm with per-task running statistics in the ResNets.
+
+The GG baselines (paper Sec. 4.1) use Dense layers: BatchE's rank-one per-task factors
+(BatchE), a dense classifier per task (TaskHeads), or plain shared weights.
 """
+import copy
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,74 +24,214 @@ import torch.nn.functional as F
 from supsup import MaskedConv2d, MaskedLinear, TaskBatchNorm, er_density
 
 
-def density(shape, sparsity):
-    return None if sparsity is None else er_density(shape, sparsity)
+class Supermasks:
+    """SupSup's layers: masked weights over signed constants drawn from `seed` (threshold masks
+    when sparsity is None, else top-k at er_density), per-task non-affine BatchNorm."""
+
+    def __init__(self, num_tasks, seed, sparsity=None):
+        self.num_tasks, self.sparsity = num_tasks, sparsity
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def density(self, shape):
+        return None if self.sparsity is None else er_density(shape, self.sparsity)
+
+    def linear(self, c_in, c_out, last=False):
+        return MaskedLinear(c_in, c_out, self.num_tasks, self.generator,
+                            self.density((c_out, c_in)))
+
+    def conv(self, c_in, c_out, k, stride=1, last=False):
+        return MaskedConv2d(c_in, c_out, k, self.num_tasks, self.generator,
+                            self.density((c_out, c_in, k, k)), stride=stride, padding=k // 2)
+
+    def norm(self, channels):
+        return TaskBatchNorm(channels, self.num_tasks)
 
 
-def mlp(widths, output_size, num_tasks, seed, sparsity=None):
-    """Masked linear layers with ReLU between them; W is drawn once from `seed`."""
-    g = torch.Generator().manual_seed(seed)
+class BatchE(nn.Module):
+    """BatchEnsemble: task t uses W * (s_t t_t^T), computed as s_t * layer(t_t * x) (the same
+    for a linear and a conv layer without bias). s_t [c_out] and t_t [c_in] start as random
+    signs; only the current task's pair is trained."""
+
+    def __init__(self, layer, num_tasks, generator):
+        super().__init__()
+        c_out, c_in = layer.weight.shape[:2]
+
+        def signs(n):
+            return nn.Parameter(torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1)
+
+        self.layer, self.task = layer, 0
+        self.s = nn.ParameterList(signs(c_out) for _ in range(num_tasks))
+        self.t = nn.ParameterList(signs(c_in) for _ in range(num_tasks))
+
+    def task_parameters(self, t):
+        return [self.s[t], self.t[t]]
+
+    def forward(self, x):
+        shape = (-1,) + (1,) * (x.dim() - 2)  # broadcast over the channel dimension
+        s, t = self.s[self.task].view(shape), self.t[self.task].view(shape)
+        return self.layer(x * t) * s
+
+
+class TaskHeads(nn.Module):
+    """A dense layer per task, each starting as a copy of the given layer (Separate Heads)."""
+
+    def __init__(self, layer, num_tasks):
+        super().__init__()
+        self.heads = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_tasks))
+        self.task = 0
+
+    def task_parameters(self, t):
+        return list(self.heads[t].parameters())
+
+    def forward(self, x):
+        return self.heads[self.task](x)
+
+
+class Dense:
+    """The baselines' layers: dense weights with PyTorch's default init, drawn from `seed`.
+    factors: BatchE on every layer; heads: a TaskHeads classifier; task_norm: per-task
+    non-affine BatchNorm (SupSup's), else one affine BatchNorm shared by all tasks."""
+
+    def __init__(self, num_tasks, seed, factors=False, heads=False, task_norm=True):
+        self.num_tasks, self.factors, self.heads, self.task_norm = (num_tasks, factors, heads,
+                                                                    task_norm)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def wrap(self, layer, last):
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=self.generator)
+        if self.factors:
+            return BatchE(layer, self.num_tasks, self.generator)
+        return TaskHeads(layer, self.num_tasks) if self.heads and last else layer
+
+    def linear(self, c_in, c_out, last=False):
+        return self.wrap(nn.Linear(c_in, c_out, bias=False), last)
+
+    def conv(self, c_in, c_out, k, stride=1, last=False):
+        return self.wrap(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False), last)
+
+    def norm(self, channels):
+        return TaskBatchNorm(channels, self.num_tasks) if self.task_norm else \
+            nn.BatchNorm2d(channels)
+
+
+def task_parameters(model, t):
+    """The parameters of task t alone: its BatchE factors and its head."""
+    return [p for m in model.modules() if isinstance(m, (BatchE, TaskHeads))
+            for p in m.task_parameters(t)]
+
+
+def shared_parameters(model, num_tasks):
+    """Every parameter that belongs to no single task: the trunk's weights, shared BN's."""
+    own = {id(p) for t in range(num_tasks) for p in task_parameters(model, t)}
+    return [p for p in model.parameters() if id(p) not in own]
+
+
+# ------------------------------------------------------------------------------ networks
+
+
+def mlp(widths, output_size, num_tasks, seed, sparsity=None, layers=None):
+    """Linear layers with ReLU between them; W is drawn once from `seed`."""
+    layers = layers or Supermasks(num_tasks, seed, sparsity)
     sizes = list(zip(widths, widths[1:] + [output_size]))
-    layers = [MaskedLinear(a, b, num_tasks, g, density((b, a), sparsity)) for a, b in sizes]
-    return nn.Sequential(*[m for layer in layers[:-1] for m in (layer, nn.ReLU())], layers[-1])
+    fcs = [layers.linear(a, b, last=i == len(sizes) - 1) for i, (a, b) in enumerate(sizes)]
+    return nn.Sequential(*[m for fc in fcs[:-1] for m in (fc, nn.ReLU())], fcs[-1])
 
 
-def lenet(output_size=100, num_tasks=1, seed=1, sparsity=None):
-    return mlp([784, 300, 100], output_size, num_tasks, seed, sparsity)
+def lenet(output_size=100, num_tasks=1, seed=1, sparsity=None, layers=None):
+    return mlp([784, 300, 100], output_size, num_tasks, seed, sparsity, layers)
 
 
-def fc1024(output_size=500, num_tasks=1, seed=1, sparsity=None):
-    return mlp([784, 1024, 1024], output_size, num_tasks, seed, sparsity)
+def fc1024(output_size=500, num_tasks=1, seed=1, sparsity=None, layers=None):
+    return mlp([784, 1024, 1024], output_size, num_tasks, seed, sparsity, layers)
+
+
+def shortcut(layers, c_in, c_out, stride):
+    """Identity, or a 1x1 conv + BN when the shape changes."""
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    return nn.Sequential(layers.conv(c_in, c_out, 1, stride), layers.norm(c_out))
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut (1x1 conv + BN when the shape changes),
-    then ReLU."""
+    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut, then ReLU."""
 
-    def __init__(self, conv, c_in, c_out, stride, num_tasks):
+    def __init__(self, layers, c_in, c_out, stride):
         super().__init__()
-        self.conv1, self.bn1 = conv(c_in, c_out, 3, stride), TaskBatchNorm(c_out, num_tasks)
-        self.conv2, self.bn2 = conv(c_out, c_out, 3, 1), TaskBatchNorm(c_out, num_tasks)
-        self.shortcut = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(conv(c_in, c_out, 1, stride),
-                                          TaskBatchNorm(c_out, num_tasks))
+        self.conv1, self.bn1 = layers.conv(c_in, c_out, 3, stride), layers.norm(c_out)
+        self.conv2, self.bn2 = layers.conv(c_out, c_out, 3), layers.norm(c_out)
+        self.shortcut = shortcut(layers, c_in, c_out, stride)
 
     def forward(self, x):
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         return F.relu(out + self.shortcut(x))
 
 
+class Bottleneck(nn.Module):
+    """ResNet v1.5's: conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(4 width)-BN plus the
+    shortcut, then ReLU."""
+
+    def __init__(self, layers, c_in, width, stride):
+        super().__init__()
+        self.conv1, self.bn1 = layers.conv(c_in, width, 1), layers.norm(width)
+        self.conv2, self.bn2 = layers.conv(width, width, 3, stride), layers.norm(width)
+        self.conv3, self.bn3 = layers.conv(width, 4 * width, 1), layers.norm(4 * width)
+        self.shortcut = shortcut(layers, c_in, 4 * width, stride)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        return F.relu(out + self.shortcut(x))
+
+
 class GEMResNet18(nn.Module):
     """GEM's ResNet-18 (nf = 20): a 3x3 stride-1 stem, 4 stages of 2 blocks (20/40/80/160
-    channels, strides 1/2/2/2), a 4x4 average pool and a masked 1x1 classifier. 1,090,940
-    masked weights for 3-channel input and 5 outputs."""
+    channels, strides 1/2/2/2), a 4x4 average pool and a 1x1 classifier. 1,090,940 weights for
+    3-channel input and 5 outputs."""
 
-    def __init__(self, output_size, num_tasks, seed, sparsity, in_channels=3, nf=20):
+    def __init__(self, output_size, layers, in_channels=3, nf=20):
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
-
-        def conv(c_in, c_out, k, stride):
-            d = density((c_out, c_in, k, k), sparsity)
-            return MaskedConv2d(c_in, c_out, k, num_tasks, g, d, stride=stride, padding=k // 2)
-
-        self.stem = nn.Sequential(conv(in_channels, nf, 3, 1), TaskBatchNorm(nf, num_tasks),
-                                  nn.ReLU())
+        self.stem = nn.Sequential(layers.conv(in_channels, nf, 3), layers.norm(nf), nn.ReLU())
         blocks, c_in = [], nf
         for c_out, stride in ((nf, 1), (2 * nf, 2), (4 * nf, 2), (8 * nf, 2)):
-            blocks += [BasicBlock(conv, c_in, c_out, stride, num_tasks),
-                       BasicBlock(conv, c_out, c_out, 1, num_tasks)]
+            blocks += [BasicBlock(layers, c_in, c_out, stride), BasicBlock(layers, c_out, c_out, 1)]
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
-        self.head = conv(8 * nf, output_size, 1, 1)
+        self.head = layers.conv(8 * nf, output_size, 1, last=True)
 
     def forward(self, x):
         x = F.avg_pool2d(self.blocks(self.stem(x)), 4)
         return self.head(x).flatten(1)
 
 
-def gemresnet18(output_size=5, num_tasks=1, seed=1, sparsity=None, in_channels=3):
-    return GEMResNet18(output_size, num_tasks, seed, sparsity, in_channels)
+class ResNet50(nn.Module):
+    """ResNet-50 v1.5 (the stride on the 3x3 conv): a 7x7 stride-2 stem and a 3x3 max pool,
+    stages of 3/4/6/3 bottlenecks (widths 64/128/256/512, outputs 4x that), a global average
+    pool and a 1x1 classifier. 23,475,392 weights with 10 outputs."""
+
+    def __init__(self, output_size, layers, in_channels=3):
+        super().__init__()
+        self.stem = nn.Sequential(layers.conv(in_channels, 64, 7, 2), layers.norm(64), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        blocks, c_in = [], 64
+        for width, n, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for i in range(n):
+                blocks.append(Bottleneck(layers, c_in, width, stride if i == 0 else 1))
+                c_in = 4 * width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = layers.conv(c_in, output_size, 1, last=True)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x)).mean((2, 3), keepdim=True)
+        return self.head(x).flatten(1)
 
 
-NETS = {"lenet": lenet, "fc1024": fc1024, "gemresnet18": gemresnet18}
+def gemresnet18(output_size=5, num_tasks=1, seed=1, sparsity=None, in_channels=3, layers=None):
+    return GEMResNet18(output_size, layers or Supermasks(num_tasks, seed, sparsity), in_channels)
+
+
+def resnet50(output_size=10, num_tasks=1, seed=1, sparsity=None, in_channels=3, layers=None):
+    return ResNet50(output_size, layers or Supermasks(num_tasks, seed, sparsity), in_channels)
+
+
+NETS = {"lenet": lenet, "fc1024": fc1024, "gemresnet18": gemresnet18, "resnet50": resnet50}

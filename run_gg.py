@@ -1,17 +1,20 @@
-"""Scenario GG: the task is given in training and in testing (paper Sec. 4.1, Fig. 2 right).
+"""Scenario GG: the task is given in training and in testing (paper Sec. 4.1, Fig. 2).
 
     python run_gg.py --sparsity 8                          # SplitCIFAR100, GEMResNet-18, SupSup
     python run_gg.py --method supsup-transfer               # scores start from earlier tasks'
+    python run_gg.py --method batche                        # a baseline of Fig. 2 (see METHODS)
+    python run_gg.py --dataset splitimagenet --task 3       # ResNet-50, task 3 alone (one a GPU)
     python run_gg.py --dataset splitmnist --model lenet     # 5 tasks of 2 digits, on MNIST
-    python run_gg.py --task 3                               # task 3 alone (one per GPU)
 
-Each task learns a top-k supermask over fixed signed-constant weights, at the paper's per-layer
-density for the sparsity multiplier s (1..32), with its own non-affine BatchNorm statistics:
-Adam (lr 1e-3, weight decay 1e-4 on the scores), a cosine schedule over the epochs, batch 128,
-random crop and flip for CIFAR. A task's accuracy is measured right after its training and
-again after the last task: with frozen masks and per-task statistics they are equal, bit for
-bit (zero forgetting). README.md has our numbers.
+SupSup learns a top-k supermask per task over fixed signed-constant weights, at the paper's
+per-layer density for the sparsity multiplier s (1..32), with its own non-affine BatchNorm
+statistics: Adam (lr 1e-3; weight decay 1e-4 on the scores, none on ImageNet), a cosine schedule
+over the epochs (after 5 warmup epochs on ImageNet). A task's accuracy is measured right after
+its training and again after the last task: with frozen masks and per-task statistics they are
+equal, bit for bit (zero forgetting). The baselines train dense weights (nets.Dense); `bytes`
+is what each method must keep to serve every task learned so far. README.md has our numbers.
 """
+import math
 import os
 import time
 
@@ -19,45 +22,81 @@ import numpy as np
 import torch
 
 import data
+import nets
 import supsup
-from nets import NETS
-from supsup import num_learned, positive_float, positive_int
+from supsup import positive_float, positive_int
 
-DATASETS = {  # loader, classes, classes per task, shuffled split, augmentation, channels
-    "splitcifar100": dict(load=data.load_cifar100, classes=100, per_task=5, shuffle=True,
-                          augment=True, channels=3),
-    "splitmnist": dict(load=data.load_mnist_images, classes=10, per_task=2, shuffle=False,
-                       augment=False, channels=1),
+DATASETS = {  # classes, classes per task (all 10 digits for permuted), channels
+    "splitcifar100": dict(classes=100, per_task=5, channels=3),
+    "splitimagenet": dict(classes=1000, per_task=10, channels=3),
+    "splitmnist": dict(classes=10, per_task=2, channels=1),
+    "permuted": dict(classes=10, per_task=10, channels=1),
 }
-PAPER = {  # the paper's settings for SplitCIFAR100 (Sec. 4.1); SplitMNIST is not in the paper
-    "splitcifar100": dict(model="gemresnet18", epochs=250),
-    "splitmnist": dict(model="lenet", epochs=5),
+PAPER = {  # the paper's settings (Sec. 4.1); SplitMNIST and PermutedMNIST are not in its GG
+    "splitcifar100": dict(model="gemresnet18", tasks=20, epochs=250, batch_size=128, wd=1e-4,
+                          warmup=0),
+    "splitimagenet": dict(model="resnet50", tasks=100, epochs=100, batch_size=256, wd=0, warmup=5),
+    "splitmnist": dict(model="lenet", tasks=5, epochs=5, batch_size=128, wd=1e-4, warmup=0),
+    "permuted": dict(model="lenet", tasks=250, epochs=2, batch_size=128, wd=1e-4, warmup=0),
 }
+IMAGE_NETS = ("gemresnet18", "resnet50")  # the rest take flat 784-pixel rows
+ALL = math.inf
+# The baselines (reference Sec. 7): the layers (nets.Dense flags), how many tasks train the
+# shared weights too (at --trunk-lr: 0 = random W, 1 = the first task, ALL = every task), and
+# the lr of a task's own parameters otherwise (factors, head).
+BASELINES = {
+    "batche": dict(layers=dict(factors=True), trunk_tasks=1, lr=0.1),
+    "batche-randw": dict(layers=dict(factors=True), trunk_tasks=0, lr=0.1),
+    "separate-heads": dict(layers=dict(heads=True), trunk_tasks=1, lr=0.01),
+    "separate-heads-randw": dict(layers=dict(heads=True), trunk_tasks=0, lr=0.01),
+    "upper-bound": dict(layers=dict(task_norm=False), trunk_tasks=ALL, lr=1e-3),
+    "lower-bound": dict(layers=dict(heads=True, task_norm=False), trunk_tasks=ALL, lr=1e-3),
+}
+METHODS = ("supsup", "supsup-transfer", *BASELINES)
+INDEPENDENT = ("supsup", "batche-randw", "separate-heads-randw")  # task i needs no other task
 COLUMNS = ("scenario,dataset,model,method,sparsity,density,seed,num_learned,task,acc,"
            "bytes,paper_bytes,train_seconds,seconds").split(",")
-METHODS = ("supsup", "supsup-transfer")
 
 
 def get_parser():
-    p = supsup.Parser(description="SupSup GG (task given) on SplitCIFAR100 or SplitMNIST.")
+    p = supsup.Parser(description="SupSup and its baselines in GG (task given) on "
+                                  "SplitCIFAR100, SplitImageNet, SplitMNIST or PermutedMNIST.")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="splitcifar100",
                    help="task family")
-    p.add_argument("--model", choices=sorted(NETS), default=None,
-                   help="network [default: gemresnet18; splitmnist: lenet]")
+    p.add_argument("--model", choices=sorted(nets.NETS), default=None,
+                   help="network [default: gemresnet18; splitimagenet: resnet50; splitmnist, "
+                        "permuted: lenet]")
     p.add_argument("--method", choices=METHODS, default="supsup",
-                   help="supsup, or supsup-transfer: a task's scores start from the mean of "
-                        "the scores of all earlier tasks")
+                   help="supsup; supsup-transfer: a task's scores start from the mean of the "
+                        "earlier tasks' scores; batche(-randw): rank-one per-task factors on a "
+                        "trunk trained on task 0 (on random W); separate-heads(-randw): a dense "
+                        "head per task, same trunks; upper-bound: one dense network trained "
+                        "through the tasks, each read right after its training; lower-bound: "
+                        "the same with a head per task, read at the end")
     p.add_argument("--sparsity", type=positive_float, default=8,
-                   help="s of the per-layer density min(0.5, s (c_out + c_in) / (c_out c_in "
-                        "k_h k_w)); larger is denser; the paper uses 1, 2, 4, 8, 16, 32")
+                   help="SupSup's s of the per-layer density min(0.5, s (c_out + c_in) / (c_out "
+                        "c_in k_h k_w)); larger is denser; the paper uses 1, 2, 4, 8, 16, 32")
     p.add_argument("--tasks", type=positive_int, default=None,
-                   help="number of tasks (default: all, 20 for SplitCIFAR100, 5 for "
-                        "SplitMNIST)")
+                   help="number of tasks [default: all: splitcifar100 20, splitimagenet 100, "
+                        "splitmnist 5; permuted 250]")
     p.add_argument("--epochs", type=positive_int, default=None,
-                   help="epochs per task [default: 250; splitmnist: 5]")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--wd", type=float, default=1e-4, help="Adam weight decay on the scores")
+                   help="epochs per task [default: 250; splitimagenet 100; splitmnist 5; "
+                        "permuted 2]")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup epochs before the cosine [default: 0; splitimagenet 5]")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="training batch size [default: 128; splitimagenet 256]")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="Adam lr of a task's own parameters (scores, factors, head) [default: "
+                        "supsup 1e-3, batche 0.1, separate-heads 0.01]")
+    p.add_argument("--trunk-lr", type=positive_float, default=1e-3,
+                   help="Adam lr of every parameter while the shared weights train "
+                        "(batche, separate-heads on task 0; upper- and lower-bound)")
+    p.add_argument("--wd", type=float, default=None,
+                   help="Adam weight decay [default: 1e-4; splitimagenet 0]")
+    p.add_argument("--workers", type=int, default=8,
+                   help="DataLoader workers decoding SplitImageNet (the other data sets live "
+                        "on the device)")
     p.add_argument("--task", type=int, default=None,
                    help="learn and score only task i (0-based), in OUT/taski/, to spread the "
                         "tasks over GPUs or machines; when the last is done, OUT/results.csv "
@@ -68,100 +107,210 @@ def get_parser():
 
 def resolve(args, parser):
     for k, v in PAPER[args.dataset].items():
-        if getattr(args, k) is None:
+        if getattr(args, k) is None and k != "tasks":
             setattr(args, k, v)
-    spec = DATASETS[args.dataset]
-    most = spec["classes"] // spec["per_task"]
+    most = PAPER[args.dataset]["tasks"]
     args.tasks = args.tasks or most
+    if args.lr is None:
+        args.lr = BASELINES[args.method]["lr"] if args.method in BASELINES else 1e-3
     if args.tasks > most:
         parser.error(f"--tasks {args.tasks}: {args.dataset} has {most} tasks")
-    if args.wd < 0:
-        parser.error(f"--wd {args.wd} is negative")
+    if min(args.wd, args.warmup, args.workers) < 0:
+        parser.error("--wd, --warmup and --workers must not be negative")
     if args.task is not None and not 0 <= args.task < args.tasks:
         parser.error(f"--task {args.task} is not in 0..{args.tasks - 1}")
-    if args.model != "gemresnet18" and spec["channels"] != 1:
+    if args.model not in IMAGE_NETS and DATASETS[args.dataset]["channels"] != 1:
         parser.error(f"--model {args.model} takes 28x28 MNIST images; {args.dataset} needs "
-                     "--model gemresnet18")
-    args.out = args.out or os.path.join("runs", "gg-{}-{}-{}-s{:g}-T{}-seed{}".format(
-        args.dataset, args.model, args.method, args.sparsity, args.tasks, args.seed))
+                     f"--model {' or '.join(IMAGE_NETS)}")
+    name = args.method + (f"-s{args.sparsity:g}" if args.method.startswith("supsup") else "")
+    args.out = args.out or os.path.join("runs", "gg-{}-{}-{}-T{}-seed{}".format(
+        args.dataset, args.model, name, args.tasks, args.seed))
     return args
 
 
 def build_model(args):
     spec = DATASETS[args.dataset]
-    if args.model == "gemresnet18":
-        return NETS[args.model](spec["per_task"], args.tasks, args.seed, args.sparsity,
-                                spec["channels"])
-    return NETS[args.model](spec["per_task"], args.tasks, args.seed, args.sparsity)
+    layers = None
+    if args.method in BASELINES:
+        layers = nets.Dense(args.tasks, args.seed, **BASELINES[args.method]["layers"])
+    extra = dict(in_channels=spec["channels"]) if args.model in IMAGE_NETS else {}
+    return nets.NETS[args.model](spec["per_task"], args.tasks, args.seed, args.sparsity,
+                                 layers=layers, **extra)
 
 
-def task_data(x, y, classes, flat):
-    """The images of the task's classes, labelled 0..c-1; flattened for the MLPs (flat)."""
-    x, y = data.task_subset(x, y, classes)
-    return (x.flatten(1) if flat else x), y
+# --------------------------------------------------------------------------------- data
 
 
-def epoch_batches(x, y, args, t, epoch, augment):
-    """Shuffled batches of 128 (the last one shorter, as a DataLoader gives), augmented for
-    CIFAR; the order and the crops are keyed by (seed, task, epoch)."""
-    g = supsup.task_generator(args.seed, t, 5, epoch)
-    order = torch.randperm(len(x), generator=g).to(x.device)
-    for i in range(0, len(x), args.batch_size):
-        idx = order[i:i + args.batch_size]
-        xb = x.index_select(0, idx)
-        yield (data.crop_flip(xb, g) if augment else xb), y[idx]
+class TensorTasks:
+    """A data set held as tensors on the device (MNIST, CIFAR-100). Task t is a class subset
+    labelled 0..c-1, or for permuted all ten digits under task t's pixel permutation."""
+
+    def __init__(self, args, device):
+        load = data.load_cifar100 if args.dataset == "splitcifar100" else data.load_mnist_images
+        self.sets = load(args.data, device)
+        self.args, self.flat = args, args.model not in IMAGE_NETS
+        spec = DATASETS[args.dataset]
+        self.split = data.class_split(args.seed, spec["classes"], spec["per_task"],
+                                      shuffle=args.dataset == "splitcifar100")
+        self.augment = args.dataset == "splitcifar100"  # random crop and flip
+        self.cached = None
+
+    def task(self, t, train):
+        x, y = self.sets[:2] if train else self.sets[2:]
+        if self.args.dataset == "permuted":
+            perm = data.permutation(self.args.seed, t).to(x.device)
+            x = x.flatten(1).index_select(1, perm).view_as(x)
+        else:
+            x, y = data.task_subset(x, y, self.split[t])
+        return (x.flatten(1) if self.flat else x), y
+
+    def train_batches(self, t, epoch):
+        """Shuffled batches (the last one shorter, as a DataLoader gives), augmented for CIFAR;
+        the order and the crops are keyed by (seed, task, epoch)."""
+        if self.cached is None or self.cached[0] != t:
+            self.cached = (t, *self.task(t, train=True))
+        _, x, y = self.cached
+        g = supsup.task_generator(self.args.seed, t, 5, epoch)
+        order = torch.randperm(len(x), generator=g).to(x.device)
+        for i in range(0, len(x), self.args.batch_size):
+            idx = order[i:i + self.args.batch_size]
+            xb = x.index_select(0, idx)
+            yield (data.crop_flip(xb, g) if self.augment else xb), y[idx]
+
+    def test_batches(self, t):
+        x, y = self.task(t, train=False)
+        for i in range(0, len(x), 500):
+            yield x[i:i + 500], y[i:i + 500]
 
 
-def train_task(model, x, y, args, score_sum):
-    """Learn the next task's mask: Adam with weight decay on the scores and a cosine schedule
-    over the epochs. supsup-transfer starts the scores at the mean of earlier tasks' scores."""
-    t = num_learned(model)
-    scores = supsup.start_task(model, args.seed)
-    if score_sum is not None and t > 0:
-        with torch.no_grad():
-            for s, total in zip(scores, score_sum):
-                s.copy_(total / t)
-    opt = torch.optim.Adam(scores, lr=args.lr, weight_decay=args.wd)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+class FolderTasks:
+    """SplitImageNet from the ImageFolder trees --data/train and --data/val, decoded and
+    augmented by DataLoader workers; the class order is fixed (seed 1) whatever --seed. A tree
+    with fewer classes (a subset, for a quick run) gives tasks of 10 of them."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        n = [len(data.image_folder(os.path.join(args.data, f))[0]) for f in ("train", "val")]
+        if n[0] != n[1] or n[0] < 10 * args.tasks:
+            raise supsup.UserError(f"{args.data} has {n[0]} train and {n[1]} val classes; "
+                                   f"{args.tasks} tasks need 10 each in both (ImageNet: 1000)")
+        self.split = data.imagenet_split(n[0] // 10 * 10)
+
+    def batches(self, t, folder, train, generator=None):
+        loader = data.task_loader(os.path.join(self.args.data, folder), self.split[t], train,
+                                  self.args.batch_size, self.args.workers, generator)
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def train_batches(self, t, epoch):
+        return self.batches(t, "train", True, supsup.task_generator(self.args.seed, t, 5, epoch))
+
+    def test_batches(self, t):
+        return self.batches(t, "val", False)
+
+
+# ---------------------------------------------------------------------------- train, test
+
+
+def lr_factor(epoch, epochs, warmup):
+    """Linear warmup over `warmup` epochs, then a cosine to 0 over the rest (per epoch)."""
+    if epoch < warmup:
+        return (epoch + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(1, epochs - warmup)))
+
+
+def baseline_parameters(model, t, args):
+    """(parameters, lr) that task t trains: its own (factors, head), plus the shared weights
+    while the method trains them (then everything at --trunk-lr, as the original)."""
+    own = nets.task_parameters(model, t)
+    shared = nets.shared_parameters(model, args.tasks)
+    trunk = t < BASELINES[args.method]["trunk_tasks"]
+    for p in shared:
+        p.requires_grad_(trunk)
+    return (own + shared, args.trunk_lr) if trunk else (own, args.lr)
+
+
+def train_task(model, tasks, t, args, score_sum):
+    """Learn task t with Adam and the per-epoch schedule. SupSup learns a mask (supsup-transfer
+    starts the scores at the mean of the earlier tasks' scores); a baseline trains what
+    baseline_parameters gives."""
+    if args.method in BASELINES:
+        params, lr = baseline_parameters(model, t, args)
+    else:
+        params, lr = supsup.start_task(model, args.seed), args.lr
+        if score_sum is not None and t > 0:
+            with torch.no_grad():
+                for s, total in zip(params, score_sum):
+                    s.copy_(total / t)
+    supsup.set_task(model, t)
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=args.wd)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: lr_factor(e, args.epochs, args.warmup))
     model.train()
     for epoch in range(args.epochs):
-        loss = supsup.train_steps(model, epoch_batches(x, y, args, t, epoch,
-                                                       DATASETS[args.dataset]["augment"]), opt)
+        loss = supsup.train_steps(model, tasks.train_batches(t, epoch), opt)
         schedule.step()
     model.eval()
-    if score_sum is not None:
-        with torch.no_grad():
-            for s, total in zip(scores, score_sum):
-                total += s
-    supsup.finish_task(model)
+    if args.method not in BASELINES:
+        if score_sum is not None:
+            with torch.no_grad():
+                for s, total in zip(params, score_sum):
+                    total += s
+        supsup.finish_task(model)
     return loss
 
 
-def accuracy(model, x, y, t):
+@torch.no_grad()
+def accuracy(model, tasks, t):
     supsup.set_task(model, t)
-    return (supsup.predict(model, x, chunk=500) == y).sum().item() / len(y)
+    correct = total = 0
+    for x, y in tasks.test_batches(t):
+        correct += (model(x).argmax(-1) == y).sum().item()
+        total += len(y)
+    return correct / total
 
 
-def task_bytes(model, t):
-    """(bytes, paper_bytes) to serve learned task t: its masks as we store them (Elias-Fano,
-    supsup.elias_fano) and as the paper does (scipy CSC with int16 row indices and column
-    pointers, each layer viewed as [c_out, c_in k_h k_w]), plus, in both, its BatchNorm
-    statistics (fp32 mean and variance per channel). W costs nothing: the seed makes it."""
-    ours = paper = sum(8 * m.norms[t].num_features for m in model.modules()
-                       if isinstance(m, supsup.TaskBatchNorm))
-    for m in supsup.masked_layers(model):
-        mask = m.masks(t, t + 1)[0].bool()
-        ours += len(supsup.elias_fano(mask.cpu().numpy()))
-        paper += 2 * int(mask.sum()) + 2 * (m.weight[0].numel() + 1)
-    return ours, paper
+def stats_bytes(modules):
+    """fp32 running mean and variance of every BatchNorm among `modules`."""
+    return sum(8 * m.num_features for m in modules if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def task_bytes(model, t, args):
+    """(bytes, paper_bytes) that learning task t adds to what must be kept: its BatchNorm
+    statistics (fp32 mean and variance) and
+
+      SupSup: its masks as we store them (Elias-Fano, supsup.elias_fano) and as the paper does
+        (scipy CSC with int16 row indices and column pointers, each layer viewed as [c_out,
+        c_in k_h k_w]); W costs nothing, the seed makes it;
+      a baseline: its own fp32 parameters, plus with task 0 the shared weights and statistics
+        if they were trained (random ones are a seed); upper-bound: the whole network."""
+    task_norms = [m.norms for m in model.modules() if isinstance(m, supsup.TaskBatchNorm)]
+    own = sum(stats_bytes(norms[t:t + 1]) for norms in task_norms)
+    if args.method not in BASELINES:
+        ours = paper = own
+        for m in supsup.masked_layers(model):
+            mask = m.masks(t, t + 1)[0].bool()
+            ours += len(supsup.elias_fano(mask.cpu().numpy()))
+            paper += 2 * int(mask.sum()) + 2 * (m.weight[0].numel() + 1)
+        return ours, paper
+    per_task = {id(n) for norms in task_norms for n in norms}
+    shared = 4 * sum(p.numel() for p in nets.shared_parameters(model, args.tasks)) + \
+        stats_bytes(m for m in model.modules() if id(m) not in per_task)
+    if args.method == "upper-bound":
+        return shared, shared
+    own += 4 * sum(p.numel() for p in nets.task_parameters(model, t))
+    if t == 0 and BASELINES[args.method]["trunk_tasks"] > 0:
+        own += shared
+    return own, own
 
 
 def rows_at(args, t, accs, sizes, train_seconds, density, seconds):
     """results.csv rows once task t is learned: task t right after its training, and after the
     last task every task again (accs: task -> accuracy; sizes: (bytes, paper_bytes) per task)."""
     tasks = [t] if t + 1 < args.tasks else range(args.tasks)
+    sparsity = "" if args.method in BASELINES else args.sparsity
     return [dict(scenario="GG", dataset=args.dataset, model=args.model, method=args.method,
-                 sparsity=args.sparsity, density=round(density, 6), seed=args.seed,
+                 sparsity=sparsity, density=round(density, 6), seed=args.seed,
                  num_learned=t + 1, task=i, acc=accs[i], bytes=sum(s[0] for s in sizes[:t + 1]),
                  paper_bytes=sum(s[1] for s in sizes[:t + 1]), train_seconds=train_seconds[i],
                  seconds=seconds) for i in tasks]
@@ -173,16 +322,14 @@ def summary(rows, k):
 
 
 def setup(args):
-    """The data, the class split, the model on the device, and whether it takes flat input."""
+    """The task data, the model on the device, its kept fraction of weights, the device."""
     device = supsup.get_device(args.device)
-    sets = DATASETS[args.dataset]["load"](args.data, device)
-    spec = DATASETS[args.dataset]
-    split = data.class_split(args.seed, spec["classes"], spec["per_task"], spec["shuffle"])
+    tasks = (FolderTasks if args.dataset == "splitimagenet" else TensorTasks)(args, device)
     model = build_model(args).to(device)
     layers = supsup.masked_layers(model)
     density = sum(m.density * m.weight.numel() for m in layers) / sum(
-        m.weight.numel() for m in layers)
-    return sets, split, model, isinstance(layers[0], supsup.MaskedLinear), density
+        m.weight.numel() for m in layers) if layers else 1.0
+    return tasks, model, density, device
 
 
 def run(args):
@@ -190,40 +337,42 @@ def run(args):
         return run_task(args)
     ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
     rows = ckpt["rows"] if ckpt else []
-    if ckpt and ckpt["learned"] == args.tasks:
+    learned = ckpt["learned"] if ckpt else 0
+    if learned == args.tasks:
         print(summary(rows, args.tasks) + f"  (finished; {args.out}/results.csv)")
         return rows
-    (train_x, train_y, test_x, test_y), split, model, flat, density = setup(args)
-    device = train_x.device
+    tasks, model, density, device = setup(args)
     score_sum = None
     if args.method == "supsup-transfer":
         score_sum = [torch.zeros_like(m.weight) for m in supsup.masked_layers(model)]
-    train_seconds = ckpt["train_seconds"] if ckpt else []
+    accs, sizes, train_seconds = {}, [], []  # right after training; (bytes, paper_bytes)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         for m in supsup.masked_layers(model):
-            m.num_learned = ckpt["learned"]
+            m.num_learned = learned
         if score_sum is not None:
             score_sum = [s.to(device) for s in ckpt["score_sum"]]
-        print(f"resuming {args.out} after task {num_learned(model)}")
+        accs, sizes, train_seconds = ckpt["accs"], ckpt["sizes"], ckpt["train_seconds"]
+        print(f"resuming {args.out} after task {learned}")
     start = time.time() - (ckpt["seconds"] if ckpt else 0)
-    sizes = ckpt["sizes"] if ckpt else []  # (bytes, paper_bytes) of each learned task
-    for t in range(num_learned(model), args.tasks):
+    for t in range(learned, args.tasks):
         t0 = time.time()
-        x, y = task_data(train_x, train_y, split[t], flat)
-        loss = train_task(model, x, y, args, score_sum)
+        loss = train_task(model, tasks, t, args, score_sum)
         train_seconds.append(round(time.time() - t0, 2))
-        sizes.append(task_bytes(model, t))
-        # right after training; after the last task, every task again (zero forgetting)
-        accs = {i: accuracy(model, *task_data(test_x, test_y, split[i], flat), i)
-                for i in ([t] if t + 1 < args.tasks else range(args.tasks))}
-        new = rows_at(args, t, accs, sizes, train_seconds, density, round(time.time() - start, 1))
+        sizes.append(task_bytes(model, t, args))
+        accs[t] = accuracy(model, tasks, t)
+        final = accs  # upper-bound: every task as right after its training (one net a task)
+        if t + 1 == args.tasks and args.method != "upper-bound":
+            final = {i: accuracy(model, tasks, i) for i in range(args.tasks)}
+        new = rows_at(args, t, final, sizes, train_seconds, density,
+                      round(time.time() - start, 1))
         rows += new
         supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
-        print(f"[GG {args.method} s={args.sparsity:g}] task {t + 1}/{args.tasks}  loss {loss:.3f}"
-              f"  acc {new[-1]['acc']:.4f}  {train_seconds[t]:.1f}s", flush=True)
+        print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
+              f"{accs[t]:.4f}  {train_seconds[t]:.1f}s", flush=True)
         state = dict(args=vars(args), model=model.state_dict(), learned=t + 1, rows=rows,
-                     sizes=sizes, train_seconds=train_seconds, seconds=time.time() - start)
+                     accs=accs, sizes=sizes, train_seconds=train_seconds,
+                     seconds=time.time() - start)
         if score_sum is not None:
             state["score_sum"] = [s.cpu() for s in score_sum]
         supsup.save_checkpoint(args.out, state)
@@ -234,29 +383,29 @@ def run(args):
 
 def run_task(args):
     """--task i: learn and score task i alone in OUT/task{i}/ (its own checkpoint), then merge.
-    With per-task masks and BatchNorm, task i comes out exactly as in a full run."""
-    if args.method == "supsup-transfer":
-        raise supsup.UserError("--task needs --method supsup: supsup-transfer starts every "
-                               "task from the earlier tasks' scores")
+    Methods whose tasks share nothing learned come out exactly as in a full run."""
+    if args.method not in INDEPENDENT:
+        raise supsup.UserError(f"--task needs a method whose tasks are independent ("
+                               f"{', '.join(INDEPENDENT)}); {args.method} builds on earlier "
+                               "tasks: run all tasks in one run")
     if os.path.exists(os.path.join(args.out, "ckpt.pt")):
         raise supsup.UserError(f"{args.out} holds a run of all tasks; pass another --out for "
                                "--task runs")
     sub = os.path.join(args.out, f"task{args.task}")
     ckpt = supsup.open_run(sub, vars(args), results="results.csv")
     if ckpt is None:
-        (train_x, train_y, test_x, test_y), split, model, flat, density = setup(args)
+        tasks, model, density, _ = setup(args)
         for m in supsup.masked_layers(model):
             m.num_learned = args.task  # task i's slot, seeds and statistics
         t0 = time.time()
-        loss = train_task(model, *task_data(train_x, train_y, split[args.task], flat), args,
-                          None)
+        loss = train_task(model, tasks, args.task, args, None)
         seconds = round(time.time() - t0, 2)
-        acc = accuracy(model, *task_data(test_x, test_y, split[args.task], flat), args.task)
+        acc = accuracy(model, tasks, args.task)
         ckpt = dict(args=vars(args), model=model.state_dict(), acc=acc, seconds=seconds,
-                    size=task_bytes(model, args.task), density=density)
+                    size=task_bytes(model, args.task, args), density=density)
         supsup.save_checkpoint(sub, ckpt)
-        print(f"[GG {args.method} s={args.sparsity:g}] task {args.task + 1}/{args.tasks} alone"
-              f"  loss {loss:.3f}  acc {acc:.4f}  {seconds:.1f}s", flush=True)
+        print(f"[GG {args.method}] task {args.task + 1}/{args.tasks} alone  loss {loss:.3f}  "
+              f"acc {acc:.4f}  {seconds:.1f}s", flush=True)
     return merge_tasks(args)
 
 
@@ -284,6 +433,7 @@ def merge_tasks(args):
 def main(argv=None):
     parser = get_parser()
     return supsup.run_or_exit(run, resolve(parser.parse_args(argv), parser), "run_gg.py")
+
 
 if __name__ == "__main__":
     main()

@@ -285,9 +285,10 @@ def task_generator(seed, *key):
 
 def set_task(model, t):
     """Use task t's mask (stored, or the scores being trained when t == num_learned) and, if
-    the model has them, task t's BatchNorm statistics."""
+    the model has them, task t's BatchNorm statistics, factors or head: every module with a
+    `task` switches."""
     for m in model.modules():
-        if isinstance(m, (MaskedLayer, TaskBatchNorm)):
+        if hasattr(m, "task"):
             m.task = t
     for m in masked_layers(model):
         m.superposed = None

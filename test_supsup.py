@@ -7,9 +7,11 @@ skipped, with the reason, when they are not there. Everything else writes small 
 """
 import argparse
 import gzip
+import inspect
 import math
 import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
@@ -486,7 +488,7 @@ def test_crop_flip_equals_per_image_crop_and_flip():
         assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
 
 
-@pytest.mark.parametrize("method", run_gg.METHODS)
+@pytest.mark.parametrize("method", ["supsup", "supsup-transfer"])
 def test_gg_zero_forgetting_bit_for_bit_and_per_task_batchnorm(tmp_path, method):
     root = write_fake_cifar100(str(tmp_path))
     argv = ["--data", root, "--tasks", "3", "--epochs", "2", "--method", method,
@@ -499,19 +501,18 @@ def test_gg_zero_forgetting_bit_for_bit_and_per_task_batchnorm(tmp_path, method)
 
     p = run_gg.get_parser()
     args = run_gg.resolve(p.parse_args(argv), p)
-    tx, ty, vx, vy = data.load_cifar100(root, "cpu")
-    split = data.class_split(args.seed, 100, 5)
+    tasks = run_gg.TensorTasks(args, "cpu")
     net = run_gg.build_model(args)
     score_sum = [torch.zeros_like(m.weight) for m in supsup.masked_layers(net)] \
         if method == "supsup-transfer" else None
     after = []
     for t in range(3):  # the logits of each task's test images right after its training
-        run_gg.train_task(net, *data.task_subset(tx, ty, split[t]), args, score_sum)
+        run_gg.train_task(net, tasks, t, args, score_sum)
         supsup.set_task(net, t)
-        after.append(net(data.task_subset(vx, vy, split[t])[0]))
+        after.append(net(tasks.task(t, train=False)[0]))
     for t in range(3):
         supsup.set_task(net, t)
-        assert torch.equal(net(data.task_subset(vx, vy, split[t])[0]), after[t])
+        assert torch.equal(net(tasks.task(t, train=False)[0]), after[t])
         for m in supsup.masked_layers(net):  # storage round trip; the kept count is implied
             mask = m.masks(t, t + 1)[0].bool().numpy()
             n = mask.size - int((1 - m.density) * mask.size)
@@ -571,3 +572,363 @@ def test_gg_task_runs_merge_into_the_full_table(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a folder with a full run takes no --task runs
         run_gg.main(argv + [str(tmp_path / "full"), "--task", "0"])
     assert "holds a run of all tasks" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- GG baselines
+
+
+def test_batche_layers_equal_the_rank_one_modulated_dense_layer():
+    g = torch.Generator().manual_seed(0)
+    for layer, x, ref in (
+            (torch.nn.Linear(6, 4, bias=False), torch.randn(3, 6), F.linear),
+            (torch.nn.Conv2d(5, 7, 3, 2, 1, bias=False), torch.randn(2, 5, 9, 9),
+             lambda x, w: F.conv2d(x, w, None, 2, 1))):
+        be = nets.BatchE(layer, 3, g)
+        for t in range(3):
+            s, r = be.s[t].detach(), be.t[t].detach()
+            assert set(s.tolist()) <= {-1.0, 1.0} and set(r.tolist()) <= {-1.0, 1.0}
+            st = torch.outer(s, r)  # W * (s t^T), the same for every kernel position
+            w = layer.weight * st.view(*st.shape, *[1] * (layer.weight.dim() - 2))
+            supsup.set_task(be, t)
+            assert torch.allclose(be(x), ref(x, w), atol=1e-6)
+        with torch.no_grad():  # factors of ones: the plain layer
+            be.s[1].fill_(1), be.t[1].fill_(1)
+        supsup.set_task(be, 1)
+        assert torch.equal(be(x), layer(x))
+        assert nets.task_parameters(be, 2) == [be.s[2], be.t[2]]
+
+
+def test_dense_layer_kinds_heads_and_shared_parameters():
+    heads = nets.lenet(2, 3, seed=0, layers=nets.Dense(3, 0, heads=True))
+    assert isinstance(heads[-1], nets.TaskHeads)
+    w0 = [h.weight for h in heads[-1].heads]
+    assert all(torch.equal(w, w0[0]) and w is not w0[0] for w in w0[1:])  # copies of one init
+    trunk = nets.shared_parameters(heads, 3)
+    assert [p.shape for p in trunk] == [(300, 784), (100, 300)]
+    assert nets.task_parameters(heads, 2) == [heads[-1].heads[2].weight]
+    with torch.no_grad():
+        heads[-1].heads[2].weight.add_(1)
+    x = torch.randn(4, 784)
+    supsup.set_task(heads, 2)
+    out2 = heads(x)
+    supsup.set_task(heads, 0)
+    assert torch.equal(heads(x), F.linear(heads[:-1](x), w0[0]))
+    assert not torch.equal(out2, heads(x))
+    # the same seed draws the same trunk for every method; shared BN only for the bounds
+    plain = nets.gemresnet18(5, 2, seed=3, layers=nets.Dense(2, 3, task_norm=False))
+    factors = nets.gemresnet18(5, 2, seed=3, layers=nets.Dense(2, 3, factors=True))
+    assert torch.equal(plain.stem[0].weight, factors.stem[0].layer.weight)
+    assert isinstance(plain.stem[1], torch.nn.BatchNorm2d) and plain.stem[1].affine
+    assert isinstance(factors.stem[1], supsup.TaskBatchNorm)
+
+
+def test_resnet50_weights_and_er_densities():
+    net = nets.resnet50(10, 1, seed=0, sparsity=8)
+    layers = supsup.masked_layers(net)
+    # torchvision's resnet50 has 23,454,912 conv weights; the 1x1 head adds 2048 * 10
+    assert sum(m.weight.numel() for m in layers) == 23_454_912 + 20_480
+    assert [tuple(m.weight.shape) for m in layers[:5]] == [
+        (64, 3, 7, 7), (64, 64, 1, 1), (64, 64, 3, 3), (256, 64, 1, 1), (256, 64, 1, 1)]
+    assert [m.stride for m in layers if m.weight.shape[2] == 3][3:5] == [2, 1]  # v1.5
+    for s, overall in ((4, 0.0087), (8, 0.0172), (16, 0.0339), (32, 0.0667)):  # reference
+        ls = supsup.masked_layers(nets.resnet50(10, 1, seed=0, sparsity=s))
+        assert abs(sum(m.density * m.weight.numel() for m in ls) / 23_475_392 - overall) < 5e-5
+    x = torch.randn(2, 3, 64, 64)
+    supsup.start_task(net, 0)
+    assert net(x).shape == (2, 10)
+
+
+def test_warmup_cosine_schedule_matches_the_original():
+    for e in range(5):
+        assert run_gg.lr_factor(e, 100, 5) == (e + 1) / 5
+    for e in (5, 50, 99):
+        assert run_gg.lr_factor(e, 100, 5) == pytest.approx(
+            0.5 * (1 + math.cos(math.pi * (e - 5) / 95)))
+    assert [run_gg.lr_factor(e, 4, 0) for e in range(4)] == pytest.approx([1, 0.8536, 0.5,
+                                                                           0.1464], abs=1e-4)
+
+
+def gemresnet18_bn_channels():
+    """Channels of the per-task BatchNorms of GEMResNet-18, counted from its layout: the stem,
+    then per stage two blocks of two BNs, plus a shortcut BN where the width grows."""
+    total, c_in = 20, 20
+    for c in (20, 40, 80, 160):
+        total += 4 * c + (c if c != c_in else 0)
+        c_in = c
+    return total
+
+
+@pytest.mark.parametrize("method", list(run_gg.BASELINES))
+def test_gg_baselines_run_store_and_forget_as_designed(tmp_path, method):
+    root = write_fake_cifar100(str(tmp_path))
+    argv = ["--data", root, "--tasks", "2", "--epochs", "1", "--method", method,
+            "--device", "cpu", "--out", str(tmp_path / "run")]
+    rows = run_gg.main(argv)
+    assert [(r["num_learned"], r["task"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    assert all(r["bytes"] == r["paper_bytes"] and r["density"] == 1.0 for r in rows)
+    right_after, final = rows[0]["acc"], rows[1]["acc"]
+    if method != "lower-bound":  # per-task BN and a frozen trunk (or one net a task)
+        assert final == right_after
+    stats = 8 * gemresnet18_bn_channels()  # one task's BN mean and variance, fp32
+    head = 4 * 160 * 5
+    weights = 4 * 1_090_940
+    expect = {  # bytes after 1 and 2 tasks
+        "separate-heads-randw": (head + stats, 2 * (head + stats)),
+        "separate-heads": (weights + stats, weights + head + 2 * stats),
+        "upper-bound": (weights + stats + 4 * 2 * 1500, 2 * (weights + stats + 4 * 2 * 1500)),
+        "lower-bound": (weights + stats + 4 * 2 * 1500, weights + head + stats + 4 * 2 * 1500),
+    }
+    net = nets.gemresnet18(5, 1, seed=0)
+    factors = 4 * sum(sum(m.weight.shape[:2]) for m in supsup.masked_layers(net))
+    expect["batche-randw"] = (factors + stats, 2 * (factors + stats))
+    expect["batche"] = (weights + factors + stats, weights + 2 * (factors + stats))
+    assert (rows[0]["bytes"], rows[2]["bytes"]) == expect[method]
+
+# ----------------------------------------------------------------------------- SplitImageNet
+
+
+def pil():
+    """Pillow's Image module (it writes the test's ImageFolder tree), or skip."""
+    return pytest.importorskip("PIL.Image", reason="Pillow is not installed")
+
+
+IMAGE_SIZE = 32  # test images: Resize(37) + CenterCrop(32), RandomResizedCrop(32)
+
+
+def class_files(k):
+    """The files of class k in torchvision's order (code-point sorted, subfolders last)."""
+    names = ["A.JPEG", "b.JPEG"] + ["c.jpeg"] * (k % 3 == 2) + ["d.png"] * (k == 0)
+    return names + ["sub/a.JPEG"] * (k == 1)
+
+
+def write_imagenet(root, classes=12, seed=0):
+    """root/{train,val}/n0000000k/... with random RGB images of 30..80 px a side, plus a file
+    that is not an image -> {split: [(path, class index)]} in the order expected."""
+    Image = pil()
+    rng, expected = np.random.default_rng(seed), {}
+    for split in ("train", "val"):
+        expected[split] = []
+        for k in reversed(range(classes)):  # written out of order
+            folder = os.path.join(root, split, f"n{k:08d}")
+            os.makedirs(os.path.join(folder, "sub"))
+            for name in reversed(class_files(k)):
+                h, w = rng.integers(30, 81, 2)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                    os.path.join(folder, name), format="PNG" if name.endswith("png") else "JPEG")
+            with open(os.path.join(folder, "notes.txt"), "w") as f:
+                f.write("not an image\n")
+            expected[split][:0] = [(os.path.join(folder, n), k) for n in class_files(k)]
+    return expected
+
+
+def normalized(array):
+    """[H, W, 3] uint8 -> normalized [3, H, W], computed with numpy."""
+    x = array.astype(np.float64).transpose(2, 0, 1) / 255
+    return torch.from_numpy((x - np.reshape(data.IMAGENET_MEAN, (3, 1, 1)))
+                            / np.reshape(data.IMAGENET_STD, (3, 1, 1))).float()
+
+
+def tv_get_params(width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, written out -> (i, j, h, w)."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def test_image_folder_order_like_torchvision(tmp_path):
+    expected = write_imagenet(str(tmp_path))
+    for split in ("train", "val"):
+        classes, samples = data.image_folder(os.path.join(tmp_path, split))
+        assert classes == [f"n{k:08d}" for k in range(12)]
+        assert samples == expected[split]
+    assert samples[:6] == [(os.path.join(tmp_path, "val", "n00000000", n), 0)
+                           for n in ("A.JPEG", "b.JPEG", "d.png")] + [
+        (os.path.join(tmp_path, "val", "n00000001", n), 1)
+        for n in ("A.JPEG", "b.JPEG", os.path.join("sub", "a.JPEG"))]
+
+
+def test_eval_resize_and_center_crop_equal_pil_reference(tmp_path):
+    Image = pil()
+    write_imagenet(str(tmp_path))
+    _, samples = data.image_folder(os.path.join(tmp_path, "val"))
+    classes = torch.tensor([5, 0, 1])
+    ds = data.TaskImages(samples, classes, train=False, size=IMAGE_SIZE)
+    assert len(ds) == 3 + 3 + 3
+    labels = [y for _, y in (ds[i] for i in range(len(ds)))]
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for i, (path, c) in enumerate(p for p in samples if p[1] in (5, 0, 1)):
+        x, y = ds[i]
+        assert y == {5: 0, 0: 1, 1: 2}[c]
+        img = Image.open(path).convert("RGB")
+        W, H = img.size
+        new = (37, int(37 * H / W)) if W <= H else (int(37 * W / H), 37)
+        a = np.asarray(img.resize(new, Image.BILINEAR))
+        top, left = int(round((new[1] - IMAGE_SIZE) / 2)), int(round((new[0] - IMAGE_SIZE) / 2))
+        ref = normalized(a[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE])
+        assert x.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and x.dtype == torch.float32
+        assert torch.allclose(x, ref, atol=1e-5)
+
+
+def test_random_resized_crop_and_flip_like_torchvision(tmp_path):
+    Image = pil()
+    write_imagenet(str(tmp_path))
+    _, samples = data.image_folder(os.path.join(tmp_path, "train"))
+    ds = data.TaskImages(samples, torch.tensor([3, 11]), train=True, size=IMAGE_SIZE)
+    assert [y for _, y in ds.samples] == [0, 0, 1, 1, 1]
+    flips = set()
+    for seed in range(12):
+        i = seed % len(ds)
+        torch.manual_seed(seed)
+        x, y = ds[i]
+        torch.manual_seed(seed)
+        img = Image.open(ds.samples[i][0]).convert("RGB")
+        top, left, h, w = tv_get_params(*img.size)
+        a = np.asarray(img.crop((left, top, left + w, top + h)).resize((IMAGE_SIZE, IMAGE_SIZE),
+                                                                       Image.BILINEAR))
+        flip = bool(torch.rand(1) < 0.5)
+        flips.add(flip)
+        ref = normalized(a[:, ::-1] if flip else a)
+        assert x.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and y == ds.samples[i][1]
+        assert torch.allclose(x, ref, atol=1e-5)
+        torch.manual_seed(seed)
+        assert torch.equal(ds[i][0], x)
+        torch.manual_seed(seed + 100)
+        assert not torch.equal(ds[i][0], x)
+    assert flips == {False, True}
+    # the fallback central crop, clamped to the ratio range (no try fits a 1000x10 image)
+    assert data.random_resized_crop(1000, 10) == (493, 0, 13, 10)
+    assert data.random_resized_crop(10, 1000) == (0, 493, 10, 13)
+    for _ in range(200):
+        left, top, w, h = data.random_resized_crop(50, 40)
+        assert 0 <= left and left + w <= 50 and 0 <= top and top + h <= 40
+        assert 0.08 * 2000 - 2 * 50 <= w * h and 3 / 4 - 0.1 <= w / h <= 4 / 3 + 0.1
+
+
+def test_task_loader_workers_and_batches(tmp_path):
+    write_imagenet(str(tmp_path))
+    root = os.path.join(tmp_path, "train")
+    classes = torch.tensor([2, 7, 8])  # 3 + 2 + 3 images
+    epochs = {}
+    for workers in (0, 2):
+        g = torch.Generator().manual_seed(0)
+        loader = data.task_loader(root, classes, True, 3, workers, generator=g, size=IMAGE_SIZE)
+        assert isinstance(loader, torch.utils.data.DataLoader) and len(loader) == 3
+        for epoch in range(2):
+            batches = list(loader)
+            assert [tuple(x.shape) for x, _ in batches] == [(3, 3, IMAGE_SIZE, IMAGE_SIZE)] * 2 + [
+                (2, 3, IMAGE_SIZE, IMAGE_SIZE)]
+            labels = torch.cat([y for _, y in batches])
+            assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 2, 2, 2]
+            epochs[workers, epoch] = batches
+    assert not torch.equal(epochs[2, 0][0][0], epochs[2, 1][0][0])  # new draws
+    again = list(data.task_loader(root, classes, True, 3, 2,
+                                  generator=torch.Generator().manual_seed(0), size=IMAGE_SIZE))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(again, epochs[2, 0]))
+    val = list(data.task_loader(os.path.join(tmp_path, "val"), classes, False, 8, 0,
+                                size=IMAGE_SIZE))
+    assert torch.equal(val[0][1], torch.tensor([0, 0, 0, 1, 1, 2, 2, 2]))
+
+
+def test_bad_files_and_folders_one_line_errors(tmp_path, monkeypatch):
+    write_imagenet(str(tmp_path))
+    root = os.path.join(tmp_path, "train")
+    bad = os.path.join(root, "n00000004", "0bad.JPEG")
+    with open(bad, "wb") as f:
+        f.write(os.urandom(300))
+    good = os.path.join(root, "n00000005", "A.JPEG")
+    with open(good, "rb") as f:
+        raw = f.read()
+    cut = os.path.join(root, "n00000005", "0cut.JPEG")
+    with open(cut, "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    _, samples = data.image_folder(root)
+    for path, c in ((bad, 4), (cut, 5)):
+        ds = data.TaskImages(samples, torch.tensor([c]), train=False, size=IMAGE_SIZE)
+        with pytest.raises(supsup.UserError, match="delete or replace it") as e:
+            ds[0]
+        assert path in str(e.value) and "\n" not in str(e.value)
+    loader = data.task_loader(root, torch.tensor([4]), False, 2, 2, size=IMAGE_SIZE)
+    with pytest.raises(supsup.UserError) as e:
+        list(loader)
+    assert bad in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(supsup.UserError, match="not an ImageFolder split.*--data"):
+        data.image_folder(os.path.join(tmp_path, "missing"))
+    with pytest.raises(supsup.UserError, match="not an ImageFolder split"):
+        data.task_loader(os.path.join(tmp_path, "missing"), torch.tensor([0]), True, 2, 0)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "x.JPEG").write_bytes(raw)
+    with pytest.raises(supsup.UserError, match="no class folder with images"):
+        data.image_folder(str(flat))
+    (flat / "n1").mkdir()
+    (flat / "n2").mkdir()
+    (flat / "n2" / "y.jpg").write_bytes(raw)
+    with pytest.raises(supsup.UserError, match="without images.*: n1;"):
+        data.image_folder(str(flat))
+    with pytest.raises(supsup.UserError, match=r"classes \[12\] of the task have no images"):
+        data.TaskImages(samples, torch.tensor([0, 12]), train=True)
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(supsup.UserError, match="Pillow.*pip install pillow"):
+        data.open_rgb(good)
+
+
+def test_data_imports_without_pillow():
+    code = "import sys; sys.modules['PIL'] = None; import data; print(data.imagenet_split()[0, 0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split("(")[1].split(")")[0]) == int(data.imagenet_split()[0, 0])
+
+
+def test_imagenet_split_is_fixed():
+    split = data.imagenet_split()
+    assert split.shape == (100, 10)
+    assert torch.equal(split.flatten().sort().values, torch.arange(1000))
+    assert not torch.equal(split.flatten(), torch.arange(1000))
+    assert torch.equal(split, data.imagenet_split())
+    assert torch.equal(split, data.class_split(1, 1000, 10))
+    assert "seed" not in inspect.signature(data.imagenet_split).parameters
+
+
+def test_gg_splitimagenet_runs_on_an_image_folder_tree(tmp_path):
+    Image = pil()
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k in range(20):
+            folder = tmp_path / split / f"n{k:08d}"
+            os.makedirs(folder)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
+                    folder / f"{i}.JPEG")
+    argv = ["--dataset", "splitimagenet", "--data", str(tmp_path), "--tasks", "2", "--epochs",
+            "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--sparsity", "4",
+            "--out", str(tmp_path / "run")]
+    rows = run_gg.main(argv)
+    assert [(r["model"], r["num_learned"], r["task"]) for r in rows] == [
+        ("resnet50", 1, 0), ("resnet50", 2, 0), ("resnet50", 2, 1)]
+    assert rows[0]["acc"] == rows[1]["acc"]
+    stats = 2 * 8 * sum(m.num_features for m in nets.resnet50(10, 1).modules()
+                        if isinstance(m, torch.nn.BatchNorm2d))  # 2 tasks' BN, in both
+    assert 0 < rows[2]["bytes"] - stats <= (rows[2]["paper_bytes"] - stats) / 2  # the masks
+    assert abs(rows[0]["density"] - 0.0087) < 5e-5
+    p = run_gg.get_parser()
+    args = run_gg.resolve(p.parse_args(argv), p)
+    assert (args.epochs, args.warmup, args.lr, args.wd) == (1, 5, 1e-3, 0)  # the paper's
+    with pytest.raises(supsup.UserError, match="3 tasks need 10 each"):
+        run_gg.FolderTasks(run_gg.resolve(p.parse_args(argv + ["--tasks", "3"]), p), "cpu")
