@@ -1,6 +1,6 @@
 """Tests: each checks SupSup against a hand-computed reference or a property the paper relies on.
 
-    pytest -q test_supsup.py      # CPU, no network, no torchvision; under 30 s on 2 cores
+    pytest -q test_supsup.py      # CPU, no network, no torchvision; about 40 s on 2 cores
 
 Real-MNIST checks use the idx files in $MNIST_DIR (default ../shared/data/mnist) and are
 skipped, with the reason, when they are not there. Everything else writes small files itself.
