@@ -199,9 +199,10 @@ class GEMResNet18(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.head = layers.conv(8 * nf, output_size, 1, last=True)
 
-    def forward(self, x):
-        x = F.avg_pool2d(self.blocks(self.stem(x)), 4)
-        return self.head(x).flatten(1)
+    def forward(self, x):  # x [B, C, H, W], or [P, B, C, H, W] for P tasks at once
+        x = self.blocks(self.stem(x))
+        x = F.avg_pool2d(x.flatten(0, -4), 4).unflatten(0, x.shape[:-3])
+        return self.head(x).flatten(-3)
 
 
 class ResNet50(nn.Module):
@@ -222,8 +223,8 @@ class ResNet50(nn.Module):
         self.head = layers.conv(c_in, output_size, 1, last=True)
 
     def forward(self, x):
-        x = self.blocks(self.stem(x)).mean((2, 3), keepdim=True)
-        return self.head(x).flatten(1)
+        x = self.blocks(self.stem(x)).mean((-2, -1), keepdim=True)
+        return self.head(x).flatten(-3)
 
 
 def gemresnet18(output_size=5, num_tasks=1, seed=1, sparsity=None, in_channels=3, layers=None):

@@ -14,6 +14,7 @@ its training and again after the last task: with frozen masks and per-task stati
 equal, bit for bit (zero forgetting). The baselines train dense weights (nets.Dense); `bytes`
 is what each method must keep to serve every task learned so far. README.md has our numbers.
 """
+import contextlib
 import math
 import os
 import time
@@ -97,6 +98,14 @@ def get_parser():
     p.add_argument("--workers", type=int, default=8,
                    help="DataLoader workers decoding SplitImageNet (the other data sets live "
                         "on the device)")
+    p.add_argument("--parallel", type=positive_int, default=1,
+                   help="supsup: train this many tasks at once as one batched computation "
+                        "(stacked scores, grouped convs; each task keeps its seeds, batches, "
+                        "Adam state and BatchNorm statistics); tasks must have equal sizes")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast in training and testing (for CUDA)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory format for the conv nets (for CUDA)")
     p.add_argument("--task", type=int, default=None,
                    help="learn and score only task i (0-based), in OUT/taski/, to spread the "
                         "tasks over GPUs or machines; when the last is done, OUT/results.csv "
@@ -119,6 +128,11 @@ def resolve(args, parser):
         parser.error("--wd, --warmup and --workers must not be negative")
     if args.task is not None and not 0 <= args.task < args.tasks:
         parser.error(f"--task {args.task} is not in 0..{args.tasks - 1}")
+    if args.parallel > 1 and (args.method != "supsup" or args.task is not None
+                              or "splitimagenet" in (args.dataset, args.model)
+                              or args.model == "resnet50"):
+        parser.error("--parallel needs --method supsup, no --task, and a data set in memory "
+                     "with a model other than resnet50")
     if args.model not in IMAGE_NETS and DATASETS[args.dataset]["channels"] != 1:
         parser.error(f"--model {args.model} takes 28x28 MNIST images; {args.dataset} needs "
                      f"--model {' or '.join(IMAGE_NETS)}")
@@ -148,7 +162,7 @@ class TensorTasks:
     def __init__(self, args, device):
         load = data.load_cifar100 if args.dataset == "splitcifar100" else data.load_mnist_images
         self.sets = load(args.data, device)
-        self.args, self.flat = args, args.model not in IMAGE_NETS
+        self.args, self.device, self.flat = args, device, args.model not in IMAGE_NETS
         spec = DATASETS[args.dataset]
         self.split = data.class_split(args.seed, spec["classes"], spec["per_task"],
                                       shuffle=args.dataset == "splitcifar100")
@@ -181,6 +195,16 @@ class TensorTasks:
         x, y = self.task(t, train=False)
         for i in range(0, len(x), 500):
             yield x[i:i + 500], y[i:i + 500]
+
+    def parallel_batches(self, t, n, epoch):
+        """Tasks t..t+n-1's batches stacked to [n, B, ...], each drawn as when trained alone."""
+        sizes = {len(self.task(i, train=True)[1]) for i in range(t, t + n)}
+        if len(sizes) > 1:
+            raise supsup.UserError(f"tasks {t}..{t + n - 1} have {sorted(sizes)} training "
+                                   "examples; --parallel needs tasks of one size (drop it)")
+        groups = zip(*[list(self.train_batches(i, epoch)) for i in range(t, t + n)])
+        for group in groups:
+            yield torch.stack([x for x, _ in group]), torch.stack([y for _, y in group])
 
 
 class FolderTasks:
@@ -230,14 +254,29 @@ def baseline_parameters(model, t, args):
     return (own + shared, args.trunk_lr) if trunk else (own, args.lr)
 
 
-def train_task(model, tasks, t, args, score_sum):
-    """Learn task t with Adam and the per-epoch schedule. SupSup learns a mask (supsup-transfer
-    starts the scores at the mean of the earlier tasks' scores); a baseline trains what
-    baseline_parameters gives."""
+def precision(args, device):
+    """bf16 autocast with --bf16, else nothing."""
+    if args.bf16:
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def formatted(batches, args):
+    """Image batches in channels-last memory format with --channels-last."""
+    for x, y in batches:
+        if args.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, y
+
+
+def train_task(model, tasks, t, args, score_sum, n=1):
+    """Learn task t (supsup: tasks t..t+n-1 at once) with Adam and the per-epoch schedule.
+    SupSup learns a mask (supsup-transfer starts the scores at the mean of the earlier tasks'
+    scores); a baseline trains what baseline_parameters gives."""
     if args.method in BASELINES:
         params, lr = baseline_parameters(model, t, args)
     else:
-        params, lr = supsup.start_task(model, args.seed), args.lr
+        params, lr = supsup.start_task(model, args.seed, n), args.lr
         if score_sum is not None and t > 0:
             with torch.no_grad():
                 for s, total in zip(params, score_sum):
@@ -248,7 +287,9 @@ def train_task(model, tasks, t, args, score_sum):
         opt, lambda e: lr_factor(e, args.epochs, args.warmup))
     model.train()
     for epoch in range(args.epochs):
-        loss = supsup.train_steps(model, tasks.train_batches(t, epoch), opt)
+        batches = tasks.train_batches(t, epoch) if n == 1 else tasks.parallel_batches(t, n, epoch)
+        with precision(args, tasks.device):
+            loss = supsup.train_steps(model, formatted(batches, args), opt)
         schedule.step()
     model.eval()
     if args.method not in BASELINES:
@@ -261,11 +302,12 @@ def train_task(model, tasks, t, args, score_sum):
 
 
 @torch.no_grad()
-def accuracy(model, tasks, t):
+def accuracy(model, tasks, t, args):
     supsup.set_task(model, t)
     correct = total = 0
-    for x, y in tasks.test_batches(t):
-        correct += (model(x).argmax(-1) == y).sum().item()
+    for x, y in formatted(tasks.test_batches(t), args):
+        with precision(args, tasks.device):
+            correct += (model(x).argmax(-1) == y).sum().item()
         total += len(y)
     return correct / total
 
@@ -326,6 +368,8 @@ def setup(args):
     device = supsup.get_device(args.device)
     tasks = (FolderTasks if args.dataset == "splitimagenet" else TensorTasks)(args, device)
     model = build_model(args).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     layers = supsup.masked_layers(model)
     density = sum(m.density * m.weight.numel() for m in layers) / sum(
         m.weight.numel() for m in layers) if layers else 1.0
@@ -355,21 +399,21 @@ def run(args):
         accs, sizes, train_seconds = ckpt["accs"], ckpt["sizes"], ckpt["train_seconds"]
         print(f"resuming {args.out} after task {learned}")
     start = time.time() - (ckpt["seconds"] if ckpt else 0)
-    for t in range(learned, args.tasks):
-        t0 = time.time()
-        loss = train_task(model, tasks, t, args, score_sum)
-        train_seconds.append(round(time.time() - t0, 2))
-        sizes.append(task_bytes(model, t, args))
-        accs[t] = accuracy(model, tasks, t)
-        final = accs  # upper-bound: every task as right after its training (one net a task)
-        if t + 1 == args.tasks and args.method != "upper-bound":
-            final = {i: accuracy(model, tasks, i) for i in range(args.tasks)}
-        new = rows_at(args, t, final, sizes, train_seconds, density,
-                      round(time.time() - start, 1))
-        rows += new
+    for t0 in range(learned, args.tasks, args.parallel):  # --parallel tasks at a time
+        n, started = min(args.parallel, args.tasks - t0), time.time()
+        loss = train_task(model, tasks, t0, args, score_sum, n)
+        train_seconds += [round((time.time() - started) / n, 2)] * n
+        for t in range(t0, t0 + n):
+            sizes.append(task_bytes(model, t, args))
+            accs[t] = accuracy(model, tasks, t, args)
+            final = accs  # upper-bound: every task as right after its training (one net a task)
+            if t + 1 == args.tasks and args.method != "upper-bound":
+                final = {i: accuracy(model, tasks, i, args) for i in range(args.tasks)}
+            rows += rows_at(args, t, final, sizes, train_seconds, density,
+                            round(time.time() - start, 1))
+            print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
+                  f"{accs[t]:.4f}  {train_seconds[t]:.1f}s", flush=True)
         supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
-        print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
-              f"{accs[t]:.4f}  {train_seconds[t]:.1f}s", flush=True)
         state = dict(args=vars(args), model=model.state_dict(), learned=t + 1, rows=rows,
                      accs=accs, sizes=sizes, train_seconds=train_seconds,
                      seconds=time.time() - start)
@@ -400,7 +444,7 @@ def run_task(args):
         t0 = time.time()
         loss = train_task(model, tasks, args.task, args, None)
         seconds = round(time.time() - t0, 2)
-        acc = accuracy(model, tasks, args.task)
+        acc = accuracy(model, tasks, args.task, args)
         ckpt = dict(args=vars(args), model=model.state_dict(), acc=acc, seconds=seconds,
                     size=task_bytes(model, args.task, args), density=density)
         supsup.save_checkpoint(sub, ckpt)

@@ -932,3 +932,29 @@ def test_gg_splitimagenet_runs_on_an_image_folder_tree(tmp_path):
     assert (args.epochs, args.warmup, args.lr, args.wd) == (1, 5, 1e-3, 0)  # the paper's
     with pytest.raises(supsup.UserError, match="3 tasks need 10 each"):
         run_gg.FolderTasks(run_gg.resolve(p.parse_args(argv + ["--tasks", "3"]), p), "cpu")
+
+
+def test_gg_parallel_tasks_match_sequential_and_bf16_channels_last_run(tmp_path):
+    root = write_fake_cifar100(str(tmp_path))
+    argv = ["--data", root, "--tasks", "3", "--epochs", "2", "--sparsity", "32", "--device",
+            "cpu", "--out"]
+    seq = run_gg.main(argv + [str(tmp_path / "seq")])
+    par = run_gg.main(argv + [str(tmp_path / "par"), "--parallel", "2"])  # tasks 0-1, then 2
+    assert [(r["num_learned"], r["task"]) for r in par] == [(r["num_learned"], r["task"])
+                                                            for r in seq]
+    assert all(abs(a["acc"] - b["acc"]) <= 0.002 for a, b in zip(seq, par))
+    state = [torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"]
+             for d in ("seq", "par")]
+    for k, v in state[0].items():
+        if k.endswith("bank"):  # each task's stored mask, as learned alone
+            a, b = (supsup.unpack(s[k], v.shape[1] * 8).bool() for s in state)
+            # grouped convs round differently, as 1 thread against 2 does: the same noise
+            assert ((a & b).sum(1) / a.sum(1)).min() >= 0.95
+            assert torch.equal(a[2], b[2])  # task 2 trained alone in both runs
+        elif k.startswith("stem.1.norms"):  # its own BatchNorm statistics (the stem's
+            assert torch.allclose(v.float(), state[1][k].float(), atol=1e-5)  # masks agree)
+    for flag in ("--bf16", "--channels-last"):  # CUDA options; they run on CPU too
+        rows = run_gg.main(argv + [str(tmp_path / flag), flag, "--tasks", "2"])
+        assert rows[0]["acc"] == rows[1]["acc"]  # zero forgetting holds
+    with pytest.raises(SystemExit):
+        run_gg.main(argv + [str(tmp_path / "x"), "--parallel", "2", "--method", "batche"])
