@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from supsup import MaskedConv2d, MaskedLinear, TaskBatchNorm, er_density
+from supsup import MaskedConv2d, MaskedLinear, NeuronMask, TaskBatchNorm, er_density
 
 
 class Supermasks:
@@ -225,6 +225,22 @@ class ResNet50(nn.Module):
     def forward(self, x):
         x = self.blocks(self.stem(x)).mean((-2, -1), keepdim=True)
         return self.head(x).flatten(-3)
+
+
+def bnnet(output_size=10, num_tasks=5, seed=1):
+    """HopSupSup's network: 784-2048-2048-10 with fixed signed-constant weights; each hidden
+    layer is NeuronMask (batch-statistics BN times the task's neuron mask) then Swish."""
+    g = torch.Generator().manual_seed(seed)
+
+    def fixed(c_in, c_out):
+        layer = nn.Linear(c_in, c_out, bias=False).requires_grad_(False)
+        sign = torch.randint(0, 2, (c_out, c_in), generator=g).float() * 2 - 1
+        layer.weight.copy_(sign * math.sqrt(2 / c_in))
+        return layer
+
+    return nn.Sequential(fixed(784, 2048), NeuronMask(2048, num_tasks), nn.SiLU(),
+                         fixed(2048, 2048), NeuronMask(2048, num_tasks), nn.SiLU(),
+                         fixed(2048, output_size))
 
 
 def gemresnet18(output_size=5, num_tasks=1, seed=1, sparsity=None, in_channels=3, layers=None):

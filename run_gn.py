@@ -3,6 +3,7 @@
     python run_gn.py --tasks 250 --model lenet     # paper Fig. 3 left: PermutedMNIST, one-shot H
     python run_gn.py --objective g                 # the same with the s-neuron objective G
     python run_gn.py --dataset rotated             # Fig. 5 left: fc1024, s=200, binary, full batch
+    python run_gn.py --dataset splitmnist --infer hopfield    # HopSupSup (Sec. 3.5, Fig. 7)
 
 Each task trains only its own supermask (RMSprop 1e-4, 1000 steps of 128, a fresh optimizer).
 At each evaluation point, every test batch of 128 of every learned task infers its task from its
@@ -16,37 +17,45 @@ import time
 import torch
 
 import data
+import nets
 import supsup
 from nets import NETS
 from supsup import num_learned, positive_int, positive_float
 
-PAPER = {  # the paper's settings per data set (Sec. 4.2)
+PAPER = {  # the paper's settings per data set (Sec. 4.2; HopSupSup: Sec. 3.5, App.)
     "permuted": dict(tasks=250, model="lenet", infer="oneshot", infer_examples=1,
-                     eval_at=[10, 50, 100, 150, 200]),
+                     eval_at=[10, 50, 100, 150, 200, 500, 1000, 1500, 2000], lr=1e-4, steps=1000,
+                     test_batch_size=128),  # Fig. 3's points, and Fig. 4's for 2500 tasks
     "rotated": dict(tasks=36, model="fc1024", output_size=200, infer="binary",
-                    infer_examples=128, eval_at=[2, 5, 10, 15, 20, 25, 30, 35]),
+                    infer_examples=128, eval_at=[2, 5, 10, 15, 20, 25, 30, 35], lr=1e-4,
+                    steps=1000, test_batch_size=128),
+    "splitmnist": dict(tasks=5, model="bnnet", infer="hopfield", infer_examples=64, eval_at=[],
+                       lr=0.1, test_batch_size=64),
 }
-OUTPUT_SIZE = {"lenet": 100, "fc1024": 500}  # PermutedMNIST, Fig. 3
+OUTPUT_SIZE = {"lenet": 100, "fc1024": 500, "bnnet": 10}  # PermutedMNIST, Fig. 3
 COLUMNS = ("scenario,dataset,model,method,infer,objective,seed,num_learned,task,acc,task_acc,"
            "given_acc,n_test,train_seconds,seconds").split(",")
 
 
 def get_parser():
     p = supsup.Parser(description="SupSup GNu/GNs on PermutedMNIST or RotatedMNIST.")
-    p.add_argument("--dataset", choices=sorted(data.TASKS), default="permuted",
-                   help="task family; rotated switches the defaults marked (rotated) below")
+    p.add_argument("--dataset", choices=sorted(PAPER), default="permuted",
+                   help="task family; rotated and splitmnist (HopSupSup) switch the defaults "
+                        "marked below")
     p.add_argument("--tasks", type=positive_int, default=None,
-                   help="number of tasks [default: 250; rotated: 36]")
+                   help="number of tasks [default: 250; rotated: 36; splitmnist: 5]")
     p.add_argument("--model", choices=sorted(OUTPUT_SIZE), default=None,
-                   help="network [default: lenet; rotated: fc1024]")
+                   help="network [default: lenet; rotated: fc1024; splitmnist: bnnet, "
+                        "784-2048-2048-10 with neuron masks]")
     p.add_argument("--output-size", type=positive_int, default=None,
                    help="outputs s, 10 labelled + s-10 superfluous [default: lenet 100, fc1024 "
                         "500; rotated: 200]")
     p.add_argument("--scenario", choices=["GNu", "GNs"], default="GNu",
                    help="GNu: a batch with a wrong inferred task scores 0; GNs: scored with "
                         "the inferred mask")
-    p.add_argument("--infer", choices=["oneshot", "binary"], default=None,
-                   help="task inference [default: oneshot; rotated: binary]")
+    p.add_argument("--infer", choices=["oneshot", "binary", "hopfield"], default=None,
+                   help="task inference [default: oneshot; rotated: binary; splitmnist: "
+                        "hopfield, the mask recovered from a Hopfield network]")
     p.add_argument("--objective", choices=sorted(supsup.OBJECTIVES), default="entropy",
                    help="inference objective: entropy H or superfluous-neuron G")
     p.add_argument("--infer-examples", type=positive_int, default=None,
@@ -54,13 +63,21 @@ def get_parser():
                         "rotated: 128, the full batch]")
     p.add_argument("--eval-at", type=supsup.int_list, default=None,
                    help="evaluate after learning these numbers of tasks (comma list); after "
-                        "the last task always [default: 10,50,100,150,200; rotated: "
-                        "2,5,10,...,35]")
-    p.add_argument("--steps", type=positive_int, default=1000, help="training steps per task")
+                        "the last task always [default: 10,50,100,150,200,500,1000,1500,2000; "
+                        "rotated: 2,5,10,...,35]")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="training steps per task [default: 1000; splitmnist: one epoch]")
     p.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
-    p.add_argument("--test-batch-size", type=positive_int, default=128,
-                   help="test batch size; each test batch gets one task decision")
-    p.add_argument("--lr", type=positive_float, default=1e-4, help="RMSprop learning rate")
+    p.add_argument("--test-batch-size", type=positive_int, default=None,
+                   help="test batch size; each test batch gets one task decision [default: "
+                        "128; splitmnist: 64, one recovery step each]")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate [default: RMSprop 1e-4; splitmnist: SGD 0.1, momentum "
+                        "0.9, weight decay 1e-4]")
+    p.add_argument("--gamma", type=positive_float, default=1.5e-3,
+                   help="hopfield: final weight of the Hopfield energy in the recovery loss")
+    p.add_argument("--recovery-lr", type=positive_float, default=500.0,
+                   help="hopfield: SGD learning rate of the mask recovery (momentum 0.9)")
     p.add_argument("--parallel", type=positive_int, default=None,
                    help="train this many tasks at once as one batched computation (same "
                         "seeds, results within float rounding) [default: 1 on CPU, where it "
@@ -78,6 +95,12 @@ def resolve(args, parser):
         args.output_size = OUTPUT_SIZE[args.model]
     if args.parallel is None:
         args.parallel = 25 if args.device.startswith("cuda") else 1
+    hop = (args.dataset == "splitmnist", args.model == "bnnet", args.infer == "hopfield")
+    if any(hop) and not all(hop):
+        parser.error("HopSupSup is --dataset splitmnist --model bnnet --infer hopfield, the "
+                     "three together")
+    if args.tasks > 5 and args.dataset == "splitmnist":
+        parser.error(f"--tasks {args.tasks}: splitmnist has 5 tasks")
     if args.output_size < 10:
         parser.error(f"--output-size {args.output_size} is below the 10 digit classes")
     if args.infer_examples > args.test_batch_size:
@@ -109,12 +132,14 @@ def train_tasks(model, x, y, pix, args):
 
 
 @torch.no_grad()
-def evaluate(model, test_x, test_y, args, device):
+def evaluate(model, test_x, test_y, args, device, own=None):
     """One row per learned task: accuracy with the task inferred, inference accuracy, given.
 
+    own[t]: the mask of task t (default: mask t; run_nns.py passes the mask that learned it).
     The deciding images of many tasks' test batches go through infer_tasks together, so that
     each pass over the mask bank serves many decisions."""
-    k, n, bs = num_learned(model), len(test_x), args.test_batch_size
+    own = list(range(num_learned(model))) if own is None else own
+    k, n, bs = len(own), len(test_x), args.test_batch_size
     starts = torch.arange(0, n, bs, device=device)
     idx = starts[:, None] + torch.arange(args.infer_examples, device=device)
     valid = idx < (starts + bs).clamp(max=n)[:, None]  # the last batch may be short
@@ -133,21 +158,21 @@ def evaluate(model, test_x, test_y, args, device):
         tasks, deciding, correct = range(lo, min(k, lo + group)), [], []
         for t in tasks:
             x, y = task_test(t)
-            supsup.set_task(model, t)
+            supsup.set_task(model, own[t])
             correct.append(supsup.predict(model, x) == y)
             deciding.append(x[idx.clamp(max=n - 1)])
         inferred, _ = supsup.infer_tasks(model, torch.cat(deciding), weights.repeat(len(tasks), 1),
                                          supsup.OBJECTIVES[args.objective], args.infer == "binary")
         for t, right, inf in zip(tasks, correct, inferred.view(len(tasks), -1)):
-            hits = right & (inf == t)[batch_of]
-            if args.scenario == "GNs":  # score the wrongly inferred batches with their masks
+            hits = right & (inf == own[t])[batch_of]
+            if args.scenario != "GNu":  # score the wrongly inferred batches with their masks
                 x, y = task_test(t)
-                for b in (inf != t).nonzero().flatten().tolist():
+                for b in (inf != own[t]).nonzero().flatten().tolist():
                     supsup.set_task(model, int(inf[b]))
                     sl = slice(b * bs, min(n, b * bs + bs))
                     hits[sl] = supsup.predict(model, x[sl]) == y[sl]
             rows.append(dict(task=t, acc=hits.sum().item() / n,
-                             task_acc=(inf == t).sum().item() / len(inf),
+                             task_acc=(inf == own[t]).sum().item() / len(inf),
                              given_acc=right.sum().item() / n, n_test=n))
     return rows
 
@@ -159,7 +184,102 @@ def summary(args, rows, k):
             f"{mean['task_acc']:.4f}  given {mean['given_acc']:.4f}")
 
 
+def split_task(x, y, t):
+    """SplitMNIST task t: digits 2t and 2t+1, their labels kept (10 shared outputs)."""
+    keep = (y // 2) == t
+    return x[keep, :784], y[keep]
+
+
+def train_hopfield_task(model, x, y, t, args):
+    """Learn task t's neuron masks: scores from 0 (all on), SGD for one epoch (or --steps),
+    then stored in the bank and the Hopfield matrices."""
+    layers = supsup.neuron_masks(model)
+    for m in layers:
+        m.scores = torch.nn.Parameter(torch.zeros_like(m.scores))
+    supsup.set_task(model, t)
+    steps = args.steps or -(-len(x) // args.batch_size)
+    order = data.train_batches(len(x), args.batch_size, steps, args.seed, t, x.device)
+    opt = torch.optim.SGD([m.scores for m in layers], lr=args.lr, momentum=0.9,
+                          weight_decay=1e-4)
+    loss = supsup.train_steps(model, ((x[b], y[b]) for b in order), opt)
+    for m in layers:
+        m.remember()
+    return loss
+
+
+@torch.no_grad()
+def batch_accuracy(model, batches):
+    """Accuracy over test batches, each normalized by its own statistics (as HopSupSup)."""
+    hits = sum((model(x).argmax(-1) == y).sum().item() for x, y in batches)
+    return hits / sum(len(y) for _, y in batches)
+
+
+def evaluate_hopfield(model, test_x, test_y, args, log):
+    """Per learned task: recover its masks from its unlabelled test batches of 64 (one step a
+    batch), then score the test set with them (acc) and with the stored masks (given_acc);
+    task_acc is 1 when the recovered masks are exact. log gets the Hamming distances."""
+    rows, layers = [], supsup.neuron_masks(model)
+    k = layers[0].num_learned
+    for t in range(k):
+        x, y = split_task(test_x, test_y, t)
+        order = data.test_order(len(x), args.seed, t, x.device)
+        batches = [(x[i], y[i]) for i in order.split(args.test_batch_size)]
+        supsup.set_task(model, t)
+        given = batch_accuracy(model, batches)
+        exact_from = None
+        for step, found in enumerate(supsup.recover(model, [b for b, _ in batches], args.gamma,
+                                                    args.recovery_lr)):
+            dist = [int((f != m.bank[t]).sum()) for f, m in zip(found, layers)]
+            log += [dict(num_learned=k, task=t, step=step + 1, layer=j, hamming=d)
+                    for j, d in enumerate(dist)]
+            exact_from = None if any(dist) else exact_from or step + 1
+        rows.append(dict(task=t, acc=batch_accuracy(model, batches),
+                         task_acc=float(exact_from is not None), given_acc=given,
+                         n_test=len(y)))
+        print(f"[hopfield] task {t}: exact from step {exact_from} of {len(batches)}, Hamming "
+              f"{dist}, acc {rows[-1]['acc']:.4f} (stored masks {given:.4f})", flush=True)
+    return rows
+
+
+def run_hopfield(args):
+    """HopSupSup on SplitMNIST: neuron masks learned with the task given, recovered at test
+    time from a Hopfield network without it (paper Sec. 3.5)."""
+    ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
+    device = supsup.get_device(args.device)
+    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    model = nets.bnnet(args.output_size, args.tasks, args.seed).to(device)
+    rows, log, learned = [], [], 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        rows, log, learned = ckpt["rows"], ckpt["log"], ckpt["learned"]
+        for m in supsup.neuron_masks(model):
+            m.num_learned = learned
+    start = time.time() - (ckpt["seconds"] if ckpt else 0)
+    for t in range(learned, args.tasks):
+        t0 = time.time()
+        loss = train_hopfield_task(model, *split_task(train_x, train_y, t), t, args)
+        print(f"[hopfield] task {t + 1}/{args.tasks}  loss {loss:.3f}  {time.time() - t0:.1f}s",
+              flush=True)
+        if t + 1 in args.eval_at:
+            for r in evaluate_hopfield(model, test_x, test_y, args, log):
+                r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
+                         method="hopsupsup", infer="hopfield", objective="entropy",
+                         seed=args.seed, num_learned=t + 1, train_seconds="",
+                         seconds=round(time.time() - start, 1))
+                rows.append(r)
+            supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
+            supsup.write_csv(os.path.join(args.out, "hopfield.csv"), log,
+                             ["num_learned", "task", "step", "layer", "hamming"])
+            print(summary(args, rows, t + 1), flush=True)
+        supsup.save_checkpoint(args.out, dict(args=vars(args), model=model.state_dict(),
+                                              learned=t + 1, rows=rows, log=log,
+                                              seconds=time.time() - start))
+    return rows
+
+
 def run(args):
+    if args.infer == "hopfield":
+        return run_hopfield(args)
     ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
     rows = ckpt["rows"] if ckpt else []
     if ckpt and len(ckpt["banks"][0]) == args.tasks:

@@ -439,6 +439,85 @@ def infer_tasks(model, x, weights, objective, binary=False):
         g = alpha_grads(model, x, weights, good / n, objective)
 
 
+# --------------------------------------------------------------- HopSupSup (paper Sec. 3.5)
+
+
+class StraightThrough(torch.autograd.Function):
+    """1[s >= 0] forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, s):
+        return (s >= 0).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class NeuronMask(nn.Module):
+    """A non-affine BatchNorm on batch statistics (in training and testing) whose output is
+    multiplied by a binary mask over its neurons, one per task: task t < num_learned reads its
+    stored mask, otherwise the mask is 1[scores >= 0] of the scores being trained or recovered
+    (they start at 0: all neurons on). The stored masks are also kept as attractors of a
+    Hopfield matrix psi (Storkey's rule), from which recover() finds a mask without the task."""
+
+    def __init__(self, features, num_tasks):
+        super().__init__()
+        self.register_buffer("bank", torch.zeros(num_tasks, features, dtype=torch.bool))
+        self.register_buffer("psi", torch.zeros(features, features))
+        self.scores = nn.Parameter(torch.zeros(features))
+        self.task, self.num_learned = 0, 0
+
+    def mask(self):
+        if self.task < self.num_learned:
+            return self.bank[self.task].float()
+        return StraightThrough.apply(self.scores)
+
+    def forward(self, x):
+        return F.batch_norm(x, None, None, training=True) * self.mask()
+
+    @torch.no_grad()
+    def remember(self):
+        """Store the current mask as task num_learned's and add it to psi: with z = 2m - 1,
+        h = psi z,  psi += (z z^T - I - z h^T - h z^T) / d  (Storkey 1997)."""
+        z = 2 * (self.scores >= 0).float() - 1
+        self.bank[self.num_learned] = z > 0
+        h, d = self.psi @ z, len(z)
+        self.psi += (torch.outer(z, z) - torch.eye(d, device=z.device) - torch.outer(z, h)
+                     - torch.outer(h, z)) / d
+        self.num_learned += 1
+
+    def energy(self):
+        """Hopfield energy -1/2 s^T psi s of s = 2 mask - 1 (straight-through to the scores)."""
+        s = 2 * StraightThrough.apply(self.scores) - 1
+        return -0.5 * s @ self.psi @ s
+
+
+def neuron_masks(model):
+    return [m for m in model.modules() if isinstance(m, NeuronMask)]
+
+
+def recover(model, batches, gamma=1.5e-3, lr=500.0):
+    """Find the mask of unlabelled batches (HopSupSup, paper Sec. 3.5): scores start at the
+    mean of the stored +-1 masks, then one SGD step (lr 500, momentum 0.9, weight decay 1e-4)
+    per batch b of N on (1 - (b+1)/N) H + gamma (b+1)/N sum_layers energy: entropy first, the
+    Hopfield energy more and more. Yields each step's masks (one bool tensor per layer)."""
+    layers, batches = neuron_masks(model), list(batches)
+    with torch.no_grad():
+        for m in layers:
+            k = m.num_learned
+            m.scores = nn.Parameter((2 * m.bank[:k].float() - 1).mean(0))
+            m.task = k  # past the stored masks: the scores decide
+    opt = torch.optim.SGD([m.scores for m in layers], lr=lr, momentum=0.9, weight_decay=1e-4)
+    for b, x in enumerate(batches):
+        w = (b + 1) / len(batches)
+        loss = (1 - w) * entropy(model(x)).mean() + gamma * w * sum(m.energy() for m in layers)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        yield [m.scores.detach() >= 0 for m in layers]
+
+
 # -------------------------------------------------------------------------- train and test
 
 

@@ -6,6 +6,7 @@ Real-MNIST checks use the idx files in $MNIST_DIR (default ../shared/data/mnist)
 skipped, with the reason, when they are not there. Everything else writes small files itself.
 """
 import argparse
+import csv
 import gzip
 import inspect
 import math
@@ -23,6 +24,7 @@ import data
 import nets
 import run_gg
 import run_gn
+import run_nns
 import supsup
 
 MNIST = os.environ.get("MNIST_DIR", os.path.join(os.path.dirname(__file__), "..", "shared",
@@ -55,6 +57,29 @@ def write_fake_mnist(folder, n_train=512, n_test=256, seed=0):
         write_idx(os.path.join(folder, img + ".gz"), rng.integers(0, 256, (n, 28, 28)))
         write_idx(os.path.join(folder, lab + ".gz"), rng.integers(0, 10, n))
     return folder
+
+
+def crash_then_resume(monkeypatch, main, argv, at=1, saved=True):
+    """Run main(argv) until the process dies at its `at`-th checkpoint (just after writing it,
+    or just before with saved=False), then run the same command again; -> its rows."""
+    save, calls = supsup.save_checkpoint, []
+
+    def crash(out, state):
+        calls.append(1)
+        if saved or len(calls) < at:
+            save(out, state)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(supsup, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.setattr(supsup, "save_checkpoint", save)
+    return main(argv)
+
+
+def timeless(rows):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in rows]
 
 
 # ----------------------------------------------------------------------------- masks, layers
@@ -345,22 +370,10 @@ def test_run_writes_results_and_resume_equals_uninterrupted(tmp_path, monkeypatc
     assert header == run_gn.COLUMNS and len(full) == 2 + 3
     assert {"args.json", "ckpt.pt", "results.csv"} <= set(os.listdir(tmp_path / "full"))
 
-    calls = []
-    save = supsup.save_checkpoint
-
-    def crash_after_first(out, state):  # the process dies right after task 0's checkpoint
-        save(out, state)
-        calls.append(1)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(supsup, "save_checkpoint", crash_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        run_gn.main(small_args(folder, str(tmp_path / "cut")))
-    monkeypatch.setattr(supsup, "save_checkpoint", save)
-    resumed = run_gn.main(small_args(folder, str(tmp_path / "cut")))
-    drop = ("seconds", "train_seconds")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in full]
+    # the process dies right after task 0's checkpoint, and the same command resumes
+    resumed = crash_then_resume(monkeypatch, run_gn.main, small_args(folder, str(tmp_path /
+                                                                                  "cut")))
+    assert timeless(resumed) == timeless(full)
     again = run_gn.main(small_args(folder, str(tmp_path / "cut")))  # finished: summary only
     assert again == resumed
 
@@ -533,20 +546,8 @@ def test_gg_resume_equals_uninterrupted_and_missing_data(tmp_path, monkeypatch, 
     argv = ["--data", root, "--tasks", "2", "--epochs", "1", "--method", "supsup-transfer",
             "--sparsity", "16", "--device", "cpu", "--out"]
     full = run_gg.main(argv + [str(tmp_path / "full")])
-    save = supsup.save_checkpoint
-
-    def crash(out, state):  # the process dies right after task 0's checkpoint
-        save(out, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(supsup, "save_checkpoint", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_gg.main(argv + [str(tmp_path / "cut")])
-    monkeypatch.setattr(supsup, "save_checkpoint", save)
-    resumed = run_gg.main(argv + [str(tmp_path / "cut")])
-    drop = ("seconds", "train_seconds")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in full]
+    resumed = crash_then_resume(monkeypatch, run_gg.main, argv + [str(tmp_path / "cut")])
+    assert timeless(resumed) == timeless(full)
     capsys.readouterr()
     monkeypatch.setitem(sys.modules, "torchvision", None)  # cannot download
     with pytest.raises(SystemExit) as e:  # no CIFAR-100 files: one line, exit 1
@@ -563,9 +564,7 @@ def test_gg_task_runs_merge_into_the_full_table(tmp_path, capsys):
     for i in (2, 0):
         assert run_gg.main(argv + [str(tmp_path / "split"), "--task", str(i)]) == []
     merged = run_gg.main(argv + [str(tmp_path / "split"), "--task", "1"])  # the last one
-    drop = ("seconds", "train_seconds")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in merged] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in full]
+    assert timeless(merged) == timeless(full)
     assert open(tmp_path / "split" / "results.csv").read().splitlines()[0] == \
         ",".join(run_gg.COLUMNS)
     capsys.readouterr()
@@ -958,3 +957,100 @@ def test_gg_parallel_tasks_match_sequential_and_bf16_channels_last_run(tmp_path)
         assert rows[0]["acc"] == rows[1]["acc"]  # zero forgetting holds
     with pytest.raises(SystemExit):
         run_gg.main(argv + [str(tmp_path / "x"), "--parallel", "2", "--method", "batche"])
+
+
+# -------------------------------------------------------------------------------- NNs
+
+
+def test_nns_new_task_rule_allocates_for_new_data_only():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 64, generator=g) * 2  # 10 Gaussian classes; task B permutes them
+
+    def batch(perm, n=128):
+        y = torch.randint(0, 10, (n,), generator=g)
+        return (centers[y] + torch.randn(n, 64, generator=g))[:, perm], y
+
+    seen, new = torch.arange(64), torch.randperm(64, generator=g)
+    masks = run_nns.Masks(nets.mlp([64, 128], 40, 8, seed=0), seed=0)
+    args = argparse.Namespace(floor=5, epsilon=1 / 8)
+    assert run_nns.choose(masks, batch(seen)[0], 0, args) == (0, True)  # the first batch
+    masks.ensure(1)
+    masks.train(0, [batch(seen) for _ in range(100)], torch.optim.RMSprop(masks.scores[0], 1e-3))
+    assert torch.equal(supsup.masked_layers(masks.model)[0].masks(0, 1)[0].bool(),
+                       masks.scores[0][0].flatten() >= 0)  # the bank follows the scores
+    assert run_nns.choose(masks, batch(seen)[0], 1, args) == (0, False)  # mask 0 trains on
+    assert run_nns.choose(masks, batch(new)[0], 1, args) == (1, True)  # a new mask
+    assert len(masks.scores) == 5  # the floor of 5 candidates: 4 untrained ones drawn
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_nns_resume_equals_uninterrupted(tmp_path, monkeypatch, saved):
+    folder = write_fake_mnist(str(tmp_path / "mnist"))
+    argv = ["--data", folder, "--tasks", "3", "--steps", "20", "--check-every", "10",
+            "--output-size", "20", "--eval-at", "2", "--device", "cpu", "--out"]
+    full = run_nns.main(argv + [str(tmp_path / "full")])
+    assert [r["num_learned"] for r in full] == [2, 2, 3, 3, 3]
+    assert all(r["masks"] >= 1 and r["scenario"] == "NNs" for r in full)
+    # the process dies right after (or just before) task 1's checkpoint, when task 1's mask
+    # files are already written
+    resumed = crash_then_resume(monkeypatch, run_nns.main, argv + [str(tmp_path / "cut")], 2,
+                                saved)
+    assert timeless(resumed) == timeless(full)
+    for name in ("allocations.csv", "results.csv"):
+        lines = [open(tmp_path / d / name).read().splitlines() for d in ("full", "cut")]
+        assert lines[0][0] == lines[1][0] and len(lines[0]) == len(lines[1])
+    assert open(tmp_path / "full" / "allocations.csv").read() == \
+        open(tmp_path / "cut" / "allocations.csv").read()
+    files = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["state"]["files"]
+    assert sorted(os.listdir(tmp_path / "cut" / "masks")) == sorted(files.values())
+    with pytest.raises(SystemExit):  # windows must tile the task
+        run_nns.main(argv + [str(tmp_path / "bad"), "--check-every", "7"])
+
+
+# -------------------------------------------------------------------------- HopSupSup
+
+
+def test_hopfield_storkey_rule_and_recall_from_corrupted_cues():
+    d, g = 200, torch.Generator().manual_seed(0)
+    layer = supsup.NeuronMask(d, 4)
+    patterns = (torch.rand(3, d, generator=g) < 0.5).float() * 2 - 1
+    psi = np.zeros((d, d))
+    for z in patterns.numpy():  # Storkey 1997, written out in numpy
+        h = psi @ z
+        psi += (np.outer(z, z) - np.eye(d) - np.outer(z, h) - np.outer(h, z)) / d
+    for z in patterns:
+        with torch.no_grad():
+            layer.scores.copy_(z * 0.1)
+        layer.remember()
+    assert layer.num_learned == 3 and torch.equal(layer.bank[:3], patterns > 0)
+    assert np.allclose(layer.psi.numpy(), psi, atol=1e-5)
+    for z in patterns:
+        cue = z.clone()
+        cue[torch.randperm(d, generator=g)[:20]] *= -1  # 10% of the bits flipped
+        s = cue
+        for _ in range(5):  # the network's dynamics: s <- sign(psi s)
+            s = torch.sign(layer.psi @ s)
+        assert torch.equal(s, z)
+        with torch.no_grad():  # gradient descent on the energy, as recover() does
+            layer.scores.copy_(cue * 0.5)
+        opt = torch.optim.SGD([layer.scores], lr=1.0)
+        for _ in range(5):
+            opt.zero_grad()
+            layer.energy().backward()
+            opt.step()
+        assert torch.equal(layer.scores >= 0, z > 0)
+
+
+@needs_mnist
+def test_hopsupsup_recovers_every_mask_exactly_on_splitmnist(tmp_path):
+    rows = run_gn.main(["--dataset", "splitmnist", "--model", "bnnet", "--infer", "hopfield",
+                        "--tasks", "3", "--steps", "30", "--data", MNIST, "--device", "cpu",
+                        "--out", str(tmp_path / "hop")])
+    assert [r["task"] for r in rows] == [0, 1, 2]
+    for r in rows:  # the recovered masks are the stored ones, so the accuracy is the same
+        assert r["task_acc"] == 1.0 and r["acc"] == r["given_acc"] > 0.9
+    log = list(csv.DictReader(open(tmp_path / "hop" / "hopfield.csv")))
+    last = {(r["task"], r["layer"]): r["hamming"] for r in log}  # the final step's
+    assert len(last) == 6 and set(last.values()) == {"0"}
+    with pytest.raises(SystemExit):  # the three flags go together
+        run_gn.main(["--dataset", "splitmnist", "--infer", "oneshot"])

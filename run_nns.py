@@ -1,0 +1,230 @@
+"""Scenario NNs: no task identity in training or in testing (paper Sec. 3.4, 4.3, Fig. 4).
+
+    python run_nns.py --tasks 20 --model lenet      # 20 permutations, never announced
+    python run_nns.py                               # Fig. 4: 2500 tasks, a budget of 2500 masks
+
+PermutedMNIST arrives as one stream that switches permutation every 1000 steps without saying
+so. Every 100 training batches the current batch decides which mask trains next: with
+n = max(masks allocated, 5) candidate masks superposed at alphas 1/n, nu = softmax(-dH/dalpha);
+if n max(nu) < 1 + 1/8 the batch looks new and a new mask is allocated, otherwise the arg-max
+mask trains on (RMSprop 1e-4, masks kept as float scores so that a reused mask keeps
+learning). Evaluation as in GNs with shared labels: one image per test batch infers the mask
+that then scores the batch. README.md has our numbers.
+"""
+import os
+import time
+
+import torch
+
+import data
+import run_gn
+import supsup
+from nets import NETS
+from supsup import positive_float, positive_int
+
+COLUMNS = run_gn.COLUMNS + ["masks"]
+
+
+def get_parser():
+    p = supsup.Parser(description="SupSup NNs: PermutedMNIST with no task identity.")
+    p.add_argument("--tasks", type=positive_int, default=2500,
+                   help="permutations in the stream (the model is never told)")
+    p.add_argument("--model", choices=sorted(run_gn.OUTPUT_SIZE), default="lenet",
+                   help="network")
+    p.add_argument("--output-size", type=positive_int, default=500,
+                   help="outputs, 10 labelled + the rest superfluous")
+    p.add_argument("--steps", type=positive_int, default=1000,
+                   help="training steps per task (the stream switches after this many)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
+    p.add_argument("--test-batch-size", type=positive_int, default=128,
+                   help="test batch size; one image of each decides its mask")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="RMSprop learning rate")
+    p.add_argument("--check-every", type=positive_int, default=100,
+                   help="training batches between two mask decisions")
+    p.add_argument("--epsilon", type=positive_float, default=1 / 8,
+                   help="allocate a new mask when n max(nu) < 1 + epsilon")
+    p.add_argument("--floor", type=positive_int, default=5,
+                   help="at least this many candidate masks (untrained ones fill up)")
+    p.add_argument("--budget", type=positive_int, default=2500,
+                   help="most masks; past it, batches that ask for a new mask are skipped")
+    p.add_argument("--eval-at", type=supsup.int_list, default=[10, 500, 1000, 1500, 2000],
+                   help="evaluate after these many tasks of the stream (comma list); after "
+                        "the last always")
+    supsup.add_common_args(p)
+    return p
+
+
+def resolve(args, parser):
+    if args.output_size < 10:
+        parser.error(f"--output-size {args.output_size} is below the 10 digit classes")
+    if args.steps % args.check_every:
+        parser.error(f"--steps {args.steps} is not a multiple of --check-every "
+                     f"{args.check_every}")
+    # what run_gn.evaluate reads: shared labels, one image of each test batch decides
+    args.scenario, args.dataset, args.infer, args.objective = "NNs", "permuted", "oneshot", \
+        "entropy"
+    args.infer_examples = 1
+    args.eval_at = sorted({k for k in args.eval_at if k < args.tasks} | {args.tasks})
+    args.out = args.out or os.path.join("runs", "nns-{}{}-T{}-seed{}".format(
+        args.model, args.output_size, args.tasks, args.seed))
+    return args
+
+
+class Masks:
+    """Every mask's float scores (a reused mask trains on) and, in the model's bank, its
+    current threshold mask; mask i's first scores are drawn as GN task i's are."""
+
+    def __init__(self, model, seed):
+        self.model, self.seed, self.scores = model, seed, []
+        self.layers = supsup.masked_layers(model)
+
+    def ensure(self, n):
+        """Draw the scores of masks up to n-1 (untrained candidates and new masks)."""
+        for i in range(len(self.scores), n):
+            g = supsup.task_generator(self.seed, i, 3)
+            for m in self.layers:
+                m.new_scores([g])
+            self.scores.append([m.scores for m in self.layers])
+            self.store(i)
+
+    @torch.no_grad()
+    def store(self, i):
+        for m, s in zip(self.layers, self.scores[i]):
+            m.bank[i] = supsup.pack(s.reshape(1, -1) >= 0)[0]
+
+    def train(self, i, batches, opt):
+        """Train mask i on the batches; its bank entry follows."""
+        for m, s in zip(self.layers, self.scores[i]):
+            m.scores = s
+        supsup.set_task(self.model, len(self.layers[0].bank))  # past the bank: the scores
+        loss = supsup.train_steps(self.model, batches, opt)
+        self.store(i)
+        return loss
+
+    def candidates(self, n):
+        for m in self.layers:
+            m.num_learned = n
+
+
+def choose(masks, x, allocated, args):
+    """The mask the training batch x [B, 784] goes to, and whether it is new (paper Sec. 3.4):
+    nu = softmax(-dH/dalpha) over n = max(allocated, floor) masks at alphas 1/n; a new mask
+    when n max(nu) < 1 + epsilon. Picking a mask not yet allocated (an untrained candidate)
+    also counts as allocating one (the original trained it without counting it)."""
+    if allocated == 0:
+        return 0, True
+    n = max(allocated, args.floor)
+    masks.ensure(n)
+    g = supsup.alpha_grads(masks.model, x[None], torch.full((1, len(x)), 1 / len(x),
+                                                            device=x.device),
+                           torch.full((n,), 1 / n, device=x.device), supsup.entropy)[0]
+    nu = torch.softmax(-g, 0)
+    best = int(nu.argmax())
+    if n * nu[best] < 1 + args.epsilon or best >= allocated:
+        return allocated, True
+    return best, False
+
+
+def run(args):
+    ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
+    device = supsup.get_device(args.device)
+    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    model = NETS[args.model](args.output_size, args.budget, args.seed).to(device)
+    masks = Masks(model, args.seed)
+    state = dict(task=0, allocated=0, allocations=[], trained={}, rows=[], seconds=0.0,
+                 drawn=0, files={})  # files: mask -> its scores' file, as last trained
+    if ckpt:
+        state = ckpt["state"]
+        masks.ensure(state["drawn"])
+        with torch.no_grad():
+            for i, name in state["files"].items():
+                path = os.path.join(args.out, "masks", name)
+                try:
+                    saved = torch.load(path, weights_only=True)
+                except Exception as e:
+                    raise supsup.UserError(f"{path} is unreadable ({type(e).__name__}); delete "
+                                           f"{args.out} to start this run over") from None
+                for s, layer in zip(masks.scores[i], saved):
+                    s.copy_(layer)
+                masks.store(i)
+        print(f"resuming {args.out} after task {state['task']}")
+    if state["task"] == args.tasks:
+        print(summary(state, args) + f"  (finished; {args.out}/results.csv)")
+        return state["rows"]
+    start = time.time() - state["seconds"]
+    for task in range(state["task"], args.tasks):  # the stream, one permutation at a time
+        pix = data.permutation(args.seed, task).to(device)
+        order = data.train_batches(len(train_x), args.batch_size, args.steps, args.seed, task,
+                                   device)
+        opts, losses = {}, []  # a fresh RMSprop per 1000 steps for each mask, as the original
+        for w in range(0, args.steps, args.check_every):
+            batches = [(train_x[b][:, pix], train_y[b]) for b in order[w:w + args.check_every]]
+            i, new = choose(masks, batches[0][0], state["allocated"], args)
+            if new:
+                if state["allocated"] == args.budget:
+                    continue  # the budget is spent: this window trains nothing
+                state["allocated"] += 1
+                masks.ensure(state["allocated"])
+                state["allocations"].append(dict(mask=i, step=task * args.steps + w,
+                                                 true_task=task))
+            opt = opts.setdefault(i, torch.optim.RMSprop(masks.scores[i], lr=args.lr))
+            losses.append(masks.train(i, batches, opt))
+            key = (i, task)
+            state["trained"][key] = state["trained"].get(key, 0) + len(batches)
+        state["task"] = task + 1
+        print(f"[NNs] task {task + 1}/{args.tasks}  masks {state['allocated']}  loss "
+              f"{sum(losses) / max(len(losses), 1):.3f}", flush=True)
+        if task + 1 in args.eval_at:
+            t1 = time.time()
+            masks.candidates(state["allocated"])
+            own = [max(range(state["allocated"]), key=lambda i: state["trained"].get((i, t), 0))
+                   for t in range(task + 1)]
+            for r in run_gn.evaluate(model, test_x, test_y, args, device, own):
+                r.update(scenario="NNs", dataset="permuted", model=args.model, method="supsup",
+                         infer="oneshot", objective="entropy", seed=args.seed,
+                         num_learned=task + 1, masks=state["allocated"], train_seconds="",
+                         seconds=round(time.time() - start, 1))
+                state["rows"].append(r)
+            supsup.write_csv(os.path.join(args.out, "results.csv"), state["rows"], COLUMNS)
+            print(summary(state, args) + f"  eval {time.time() - t1:.1f}s", flush=True)
+        supsup.write_csv(os.path.join(args.out, "allocations.csv"), state["allocations"],
+                         ["mask", "step", "true_task"])
+        state["seconds"], state["drawn"] = time.time() - start, len(masks.scores)
+        save_masks(masks, state, task, args)
+    print(f"done in {(time.time() - start) / 60:.1f} min; results in {args.out}/results.csv")
+    return state["rows"]
+
+
+def save_masks(masks, state, task, args):
+    """Checkpoint after a task of the stream: the scores of the masks it trained, each in a
+    new file, then ckpt.pt naming every mask's file, then the files it replaced. A crash at any
+    point leaves ckpt.pt and the files it names as they were."""
+    out = args.out
+    os.makedirs(os.path.join(out, "masks"), exist_ok=True)
+    stale = []
+    for i in sorted({i for i, t in state["trained"] if t == task}):
+        name = f"mask{i}-task{task}.pt"
+        supsup.write_atomic(os.path.join(out, "masks", name), lambda f: torch.save(
+            [s.detach().cpu() for s in masks.scores[i]], f), "wb")
+        stale.append(state["files"].get(i))
+        state["files"][i] = name
+    supsup.save_checkpoint(out, dict(args=vars(args), state=state))
+    for name in filter(None, stale):
+        os.remove(os.path.join(out, "masks", name))
+
+
+def summary(state, args):
+    k = state["task"]
+    at = [r for r in state["rows"] if r["num_learned"] == k]
+    mean = {c: sum(r[c] for r in at) / max(len(at), 1) for c in ("acc", "task_acc", "given_acc")}
+    return (f"[NNs] {k} tasks, {state['allocated']} masks: acc {mean['acc']:.4f}  mask-acc "
+            f"{mean['task_acc']:.4f}  own mask {mean['given_acc']:.4f}")
+
+
+def main(argv=None):
+    parser = get_parser()
+    return supsup.run_or_exit(run, resolve(parser.parse_args(argv), parser), "run_nns.py")
+
+
+if __name__ == "__main__":
+    main()
