@@ -129,7 +129,8 @@ def run(args):
     ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
     device = supsup.get_device(args.device)
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-    model = NETS[args.model](args.output_size, args.budget, args.seed).to(device)
+    slots = max(args.budget, args.floor)  # the masks allocated and the untrained candidates
+    model = NETS[args.model](args.output_size, slots, args.seed).to(device)
     masks = Masks(model, args.seed)
     state = dict(task=0, allocated=0, allocations=[], trained={}, rows=[], seconds=0.0,
                  drawn=0, files={})  # files: mask -> its scores' file, as last trained

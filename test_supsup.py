@@ -1005,6 +1005,8 @@ def test_nns_resume_equals_uninterrupted(tmp_path, monkeypatch, saved):
     assert sorted(os.listdir(tmp_path / "cut" / "masks")) == sorted(files.values())
     with pytest.raises(SystemExit):  # windows must tile the task
         run_nns.main(argv + [str(tmp_path / "bad"), "--check-every", "7"])
+    capped = run_nns.main(argv + [str(tmp_path / "capped"), "--budget", "1"])
+    assert {r["masks"] for r in capped} == {1}  # past the budget nothing new is allocated
 
 
 # -------------------------------------------------------------------------- HopSupSup
