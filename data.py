@@ -335,11 +335,12 @@ class TaskLoader(torch.utils.data.DataLoader):
         raise UserError(message)
 
 
-def task_loader(root, classes, train, batch_size, workers, generator=None, size=224):
-    """Batches (x [B, 3, size, size], y [B]) of one task's classes in the split folder root,
-    shuffled when training; `generator` seeds the shuffle and the workers' augmentation
-    (with workers=0 the augmentation draws from this process's global RNG)."""
-    return TaskLoader(TaskImages(image_folder(root)[1], classes, train, size),
+def task_loader(samples, classes, train, batch_size, workers, generator=None, size=224):
+    """Batches (x [B, 3, size, size], y [B]) of one task's classes among the samples of a
+    split (image_folder's, scanned once per run), shuffled when training; `generator` seeds
+    the shuffle and the workers' augmentation (with workers=0 the augmentation draws from
+    this process's global RNG)."""
+    return TaskLoader(TaskImages(samples, classes, train, size),
                       batch_size=batch_size, shuffle=train, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), drop_last=False,
                       persistent_workers=False, generator=generator)

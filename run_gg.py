@@ -213,15 +213,17 @@ class FolderTasks:
     with fewer classes (a subset, for a quick run) gives tasks of 10 of them."""
 
     def __init__(self, args, device):
-        self.args, self.device = args, device
-        n = [len(data.image_folder(os.path.join(args.data, f))[0]) for f in ("train", "val")]
+        self.args, self.device, self.samples, n = args, device, {}, []
+        for folder in ("train", "val"):  # scanned once: ImageNet's train/ has 1.28M files
+            classes, self.samples[folder] = data.image_folder(os.path.join(args.data, folder))
+            n.append(len(classes))
         if n[0] != n[1] or n[0] < 10 * args.tasks:
             raise supsup.UserError(f"{args.data} has {n[0]} train and {n[1]} val classes; "
                                    f"{args.tasks} tasks need 10 each in both (ImageNet: 1000)")
         self.split = data.imagenet_split(n[0] // 10 * 10)
 
     def batches(self, t, folder, train, generator=None):
-        loader = data.task_loader(os.path.join(self.args.data, folder), self.split[t], train,
+        loader = data.task_loader(self.samples[folder], self.split[t], train,
                                   self.args.batch_size, self.args.workers, generator)
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -17,9 +17,8 @@ import time
 import torch
 
 import data
-import nets
 import supsup
-from nets import NETS
+from nets import NETS, bnnet
 from supsup import num_learned, positive_int, positive_float
 
 PAPER = {  # the paper's settings per data set (Sec. 4.2; HopSupSup: Sec. 3.5, App.)
@@ -38,7 +37,8 @@ COLUMNS = ("scenario,dataset,model,method,infer,objective,seed,num_learned,task,
 
 
 def get_parser():
-    p = supsup.Parser(description="SupSup GNu/GNs on PermutedMNIST or RotatedMNIST.")
+    p = supsup.Parser(description="SupSup GNu/GNs on PermutedMNIST or RotatedMNIST; "
+                                  "HopSupSup on SplitMNIST.")
     p.add_argument("--dataset", choices=sorted(PAPER), default="permuted",
                    help="task family; rotated and splitmnist (HopSupSup) switch the defaults "
                         "marked below")
@@ -49,7 +49,7 @@ def get_parser():
                         "784-2048-2048-10 with neuron masks]")
     p.add_argument("--output-size", type=positive_int, default=None,
                    help="outputs s, 10 labelled + s-10 superfluous [default: lenet 100, fc1024 "
-                        "500; rotated: 200]")
+                        "500; rotated: 200; splitmnist: 10, all labelled]")
     p.add_argument("--scenario", choices=["GNu", "GNs"], default="GNu",
                    help="GNu: a batch with a wrong inferred task scores 0; GNs: scored with "
                         "the inferred mask")
@@ -247,7 +247,7 @@ def run_hopfield(args):
     ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
     device = supsup.get_device(args.device)
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-    model = nets.bnnet(args.output_size, args.tasks, args.seed).to(device)
+    model = bnnet(args.output_size, args.tasks, args.seed).to(device)
     rows, log, learned = [], [], 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
