@@ -17,6 +17,7 @@ The GG baselines (paper Sec. 4.1) use Dense layers: BatchE's rank-one per-task f
 import copy
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,7 +51,9 @@ class Supermasks:
 class BatchE(nn.Module):
     """BatchEnsemble: task t uses W * (s_t t_t^T), computed as s_t * layer(t_t * x) (the same
     for a linear and a conv layer without bias). s_t [c_out] and t_t [c_in] start as random
-    signs; only the current task's pair is trained."""
+    signs; only the current task's pair is trained. With `alphas` [D, k] set (linear layers),
+    decision b uses W * sum_i alphas[b, i] s_i t_i^T, the superposition one-shot inference
+    differentiates (paper App. C); its input is then [D, ..., c_in]."""
 
     def __init__(self, layer, num_tasks, generator):
         super().__init__()
@@ -59,7 +62,7 @@ class BatchE(nn.Module):
         def signs(n):
             return nn.Parameter(torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1)
 
-        self.layer, self.task = layer, 0
+        self.layer, self.task, self.alphas = layer, 0, None
         self.s = nn.ParameterList(signs(c_out) for _ in range(num_tasks))
         self.t = nn.ParameterList(signs(c_in) for _ in range(num_tasks))
 
@@ -67,9 +70,38 @@ class BatchE(nn.Module):
         return [self.s[t], self.t[t]]
 
     def forward(self, x):
-        shape = (-1,) + (1,) * (x.dim() - 2)  # broadcast over the channel dimension
+        if self.alphas is not None:
+            k = self.alphas.shape[-1]
+            s, t = torch.stack(list(self.s[:k])), torch.stack(list(self.t[:k]))  # [k, c]
+            a = self.alphas.view(len(x), *[1] * (x.dim() - 2), k, 1)
+            return (self.layer(x.unsqueeze(-2) * t) * s * a).sum(-2)
+        shape = (-1,) if isinstance(self.layer, nn.Linear) else (-1, 1, 1)  # channel axis
         s, t = self.s[self.task].view(shape), self.t[self.task].view(shape)
         return self.layer(x * t) * s
+
+
+class PSP(nn.Module):
+    """Parameter superposition: task t uses W C_t, a fixed Haar-random orthogonal context
+    C_t [c_in, c_in] per task and layer applied to the layer's input. Contexts are never
+    trained, so they are drawn from (seed, task, layer) when needed: a seed is all they cost."""
+
+    def __init__(self, layer, seed, index):
+        super().__init__()
+        self.layer, self.seed, self.index, self.task = layer, seed, index, 0
+        self.cached = (None, None)  # (task, its context)
+
+    def context(self, t):
+        if self.cached[0] != t:
+            n = self.layer.weight.shape[1]
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence(
+                [self.seed, t, self.index, 6]).generate_state(1)[0]))
+            q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+            q = (q * torch.sign(torch.diagonal(r))).float()  # Haar: QR with a positive R diagonal
+            self.cached = (t, q.to(self.layer.weight.device))
+        return self.cached[1]
+
+    def forward(self, x):
+        return self.layer(x @ self.context(self.task).T)
 
 
 class TaskHeads(nn.Module):
@@ -89,19 +121,25 @@ class TaskHeads(nn.Module):
 
 class Dense:
     """The baselines' layers: dense weights with PyTorch's default init, drawn from `seed`.
-    factors: BatchE on every layer; heads: a TaskHeads classifier; task_norm: per-task
-    non-affine BatchNorm (SupSup's), else one affine BatchNorm shared by all tasks."""
+    factors: BatchE on every layer; contexts: PSP on every (linear) layer; heads: a TaskHeads
+    classifier; task_norm: per-task non-affine BatchNorm (SupSup's), else one affine
+    BatchNorm shared by all tasks."""
 
-    def __init__(self, num_tasks, seed, factors=False, heads=False, task_norm=True):
-        self.num_tasks, self.factors, self.heads, self.task_norm = (num_tasks, factors, heads,
-                                                                    task_norm)
+    def __init__(self, num_tasks, seed, factors=False, heads=False, task_norm=True,
+                 contexts=False):
+        self.num_tasks, self.seed, self.factors, self.heads, self.task_norm, self.contexts = (
+            num_tasks, seed, factors, heads, task_norm, contexts)
         self.generator = torch.Generator().manual_seed(seed)
+        self.made = 0  # layers so far (PSP keys each layer's contexts by its index)
 
     def wrap(self, layer, last):
         with torch.no_grad():
             nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=self.generator)
+        self.made += 1
         if self.factors:
             return BatchE(layer, self.num_tasks, self.generator)
+        if self.contexts:
+            return PSP(layer, self.seed, self.made - 1)
         return TaskHeads(layer, self.num_tasks) if self.heads and last else layer
 
     def linear(self, c_in, c_out, last=False):
@@ -119,6 +157,14 @@ def task_parameters(model, t):
     """The parameters of task t alone: its BatchE factors and its head."""
     return [p for m in model.modules() if isinstance(m, (BatchE, TaskHeads))
             for p in m.task_parameters(t)]
+
+
+def trainable(model, t, num_tasks, shared):
+    """Task t's own parameters, and the shared ones too if `shared` (the rest are frozen)."""
+    trunk = shared_parameters(model, num_tasks)
+    for p in trunk:
+        p.requires_grad_(shared)
+    return task_parameters(model, t) + (trunk if shared else [])
 
 
 def shared_parameters(model, num_tasks):

@@ -248,12 +248,8 @@ def lr_factor(epoch, epochs, warmup):
 def baseline_parameters(model, t, args):
     """(parameters, lr) that task t trains: its own (factors, head), plus the shared weights
     while the method trains them (then everything at --trunk-lr, as the original)."""
-    own = nets.task_parameters(model, t)
-    shared = nets.shared_parameters(model, args.tasks)
     trunk = t < BASELINES[args.method]["trunk_tasks"]
-    for p in shared:
-        p.requires_grad_(trunk)
-    return (own + shared, args.trunk_lr) if trunk else (own, args.lr)
+    return nets.trainable(model, t, args.tasks, trunk), args.trunk_lr if trunk else args.lr
 
 
 def precision(args, device):

@@ -17,8 +17,9 @@ import time
 import torch
 
 import data
+import nets
 import supsup
-from nets import NETS, bnnet
+from nets import NETS
 from supsup import num_learned, positive_int, positive_float
 
 PAPER = {  # the paper's settings per data set (Sec. 4.2; HopSupSup: Sec. 3.5, App.)
@@ -32,8 +33,27 @@ PAPER = {  # the paper's settings per data set (Sec. 4.2; HopSupSup: Sec. 3.5, A
                        lr=0.1, test_batch_size=64),
 }
 OUTPUT_SIZE = {"lenet": 100, "fc1024": 500, "bnnet": 10}  # PermutedMNIST, Fig. 3
+ALL = 10**9
+# The comparison lines of Figs. 3, 5 and 6 (reference Sec. 7): layers (nets.Dense flags), how
+# many tasks train the shared weights (at trunk_lr), the optimizer, the lr of a task's own
+# parameters after that. All have 10 outputs and are given the task (GG), unless batche is
+# asked to infer it (--infer oneshot, App. C).
+def adam(params, lr):
+    return torch.optim.Adam(params, lr, weight_decay=1e-4)  # the original's default decay
+
+
+def rmsprop(params, lr):
+    return torch.optim.RMSprop(params, lr)
+
+
+BASELINES = {
+    "batche": dict(layers=dict(factors=True), trunk_tasks=1, opt=adam, trunk_lr=1e-4, lr=1e-2),
+    "psp": dict(layers=dict(contexts=True), trunk_tasks=ALL, opt=rmsprop, trunk_lr=1e-4),
+    "upper-bound": dict(layers={}, trunk_tasks=ALL, opt=adam, trunk_lr=1e-4),
+    "lower-bound": dict(layers={}, trunk_tasks=ALL, opt=adam, trunk_lr=1e-4),
+}
 COLUMNS = ("scenario,dataset,model,method,infer,objective,seed,num_learned,task,acc,task_acc,"
-           "given_acc,n_test,train_seconds,seconds").split(",")
+           "given_acc,n_test,bytes,train_seconds,seconds").split(",")
 
 
 def get_parser():
@@ -50,12 +70,20 @@ def get_parser():
     p.add_argument("--output-size", type=positive_int, default=None,
                    help="outputs s, 10 labelled + s-10 superfluous [default: lenet 100, fc1024 "
                         "500; rotated: 200; splitmnist: 10, all labelled]")
+    p.add_argument("--method", choices=["supsup", *BASELINES], default="supsup",
+                   help="supsup, or a comparison line: batche (rank-one factors on a trunk "
+                        "trained on task 0), psp (one weight matrix, a random orthogonal "
+                        "context per task and layer), upper-bound (a dense net trained through "
+                        "the tasks, each read right after its training), lower-bound (the same, "
+                        "read at the end); these have 10 outputs and are given the task "
+                        "(--infer given) unless batche infers it (--infer oneshot)")
     p.add_argument("--scenario", choices=["GNu", "GNs"], default="GNu",
                    help="GNu: a batch with a wrong inferred task scores 0; GNs: scored with "
                         "the inferred mask")
-    p.add_argument("--infer", choices=["oneshot", "binary", "hopfield"], default=None,
+    p.add_argument("--infer", choices=["oneshot", "binary", "hopfield", "given"], default=None,
                    help="task inference [default: oneshot; rotated: binary; splitmnist: "
-                        "hopfield, the mask recovered from a Hopfield network]")
+                        "hopfield, the mask recovered from a Hopfield network; baselines: "
+                        "given, the task is not inferred]")
     p.add_argument("--objective", choices=sorted(supsup.OBJECTIVES), default="entropy",
                    help="inference objective: entropy H or superfluous-neuron G")
     p.add_argument("--infer-examples", type=positive_int, default=None,
@@ -74,6 +102,9 @@ def get_parser():
     p.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate [default: RMSprop 1e-4; splitmnist: SGD 0.1, momentum "
                         "0.9, weight decay 1e-4]")
+    p.add_argument("--trunk-lr", type=positive_float, default=None,
+                   help="baselines: lr while the shared weights train (batche: task 0, with "
+                        "its factors; psp and the bounds: every task) [default: 1e-4]")
     p.add_argument("--gamma", type=positive_float, default=1.5e-3,
                    help="hopfield: final weight of the Hopfield energy in the recovery loss")
     p.add_argument("--recovery-lr", type=positive_float, default=500.0,
@@ -88,11 +119,27 @@ def get_parser():
 
 def resolve(args, parser):
     """Fill the data-set-dependent defaults and check the flags that depend on each other."""
+    baseline = args.method in BASELINES
+    if baseline:
+        spec = BASELINES[args.method]
+        args.infer = args.infer or "given"
+        args.output_size = args.output_size or 10
+        args.trunk_lr = args.trunk_lr or spec["trunk_lr"]
+        args.lr = args.lr or spec.get("lr", args.trunk_lr)
     for k, v in PAPER[args.dataset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.output_size is None:
         args.output_size = OUTPUT_SIZE[args.model]
+    if baseline:
+        ok = args.infer == "given" or (args.method, args.infer) == ("batche", "oneshot")
+    else:
+        ok = args.infer != "given"
+    if not ok:
+        parser.error(f"--method {args.method} takes --infer "
+                     f"{'given (or oneshot for batche)' if baseline else 'oneshot or binary'}")
+    if baseline and args.dataset == "splitmnist":
+        parser.error("the baselines run on permuted or rotated")
     if args.parallel is None:
         args.parallel = 25 if args.device.startswith("cuda") else 1
     hop = (args.dataset == "splitmnist", args.model == "bnnet", args.infer == "hopfield")
@@ -107,28 +154,43 @@ def resolve(args, parser):
         parser.error(f"--infer-examples {args.infer_examples} exceeds --test-batch-size "
                      f"{args.test_batch_size}")
     args.eval_at = sorted({k for k in args.eval_at if k < args.tasks} | {args.tasks})
-    args.out = args.out or os.path.join("runs", "gn-{}-{}-{}{}-{}-{}-T{}-seed{}".format(
-        args.scenario, args.dataset, args.model, args.output_size, args.infer, args.objective,
-        args.tasks, args.seed))
+    args.out = args.out or os.path.join("runs", "gn-{}-{}-{}-{}{}-{}-{}-T{}-seed{}".format(
+        args.method, args.scenario, args.dataset, args.model, args.output_size, args.infer,
+        args.objective, args.tasks, args.seed))
     return args
+
+
+def task_batches(x, y, pix, t, args):
+    """args.steps training batches ([n, batch, 784], [n, batch]) of tasks t..t+n-1, task t+i
+    seen through its pixel map pix[i], each in its own seeded order."""
+    n = len(pix)
+    batches = torch.stack([data.train_batches(len(x), args.batch_size, args.steps, args.seed,
+                                              t + i, x.device) for i in range(n)], 1)
+    cols = pix[:, None, :].expand(n, args.batch_size, -1)
+    for b in batches:  # [n, batch] example indices -> each task's images and labels
+        yield torch.gather(x.index_select(0, b.flatten()).view(*b.shape, -1), 2, cols), y[b]
+
+
+def mask_bytes(model, k):
+    """k tasks' masks as stored: 1 bit per weight (about half are kept in GN)."""
+    return k * sum(m.bank.shape[1] for m in supsup.masked_layers(model))
 
 
 def train_tasks(model, x, y, pix, args):
     """Learn the next len(pix) tasks' masks, task i on x through its pixel map pix[i], at once
     when there are several (a stacked task dimension). Each task gets a fresh RMSprop and
     args.steps batches of its own order, as if trained alone. Returns the mean loss."""
-    t, n = num_learned(model), len(pix)
-    batches = torch.stack([data.train_batches(len(x), args.batch_size, args.steps, args.seed,
-                                              t + i, x.device) for i in range(n)], 1)
-    cols = pix[:, None, :].expand(n, args.batch_size, -1)
-
-    def batch(b):  # [n, batch] example indices -> each task's images and labels
-        return torch.gather(x.index_select(0, b.flatten()).view(*b.shape, -1), 2, cols), y[b]
-
-    opt = torch.optim.RMSprop(supsup.start_task(model, args.seed, n), lr=args.lr)
-    loss = supsup.train_steps(model, map(batch, batches), opt)
+    opt = torch.optim.RMSprop(supsup.start_task(model, args.seed, len(pix)), lr=args.lr)
+    loss = supsup.train_steps(model, task_batches(x, y, pix, num_learned(model), args), opt)
     supsup.finish_task(model)
     return loss
+
+
+def test_set(test_x, test_y, args, t):
+    """Task t's test set, in the shuffled order that makes its batches."""
+    order = data.test_order(len(test_x), args.seed, t, test_x.device)
+    pix = data.TASKS[args.dataset](args.seed, t).to(test_x.device)
+    return test_x.index_select(0, order).index_select(1, pix), test_y[order]
 
 
 @torch.no_grad()
@@ -148,16 +210,11 @@ def evaluate(model, test_x, test_y, args, device, own=None):
     width = sum(sum(m.weight.shape[:2]) for m in supsup.masked_layers(model))  # per image
     group = max(1, supsup.CHUNK // (idx.numel() * width))  # tasks per call: bounds activations
 
-    def task_test(t):  # task t's test set, in the shuffled order that makes its batches
-        order = data.test_order(n, args.seed, t, device)
-        pix = data.TASKS[args.dataset](args.seed, t).to(device)
-        return test_x.index_select(0, order).index_select(1, pix), test_y[order]
-
     rows = []
     for lo in range(0, k, group):
         tasks, deciding, correct = range(lo, min(k, lo + group)), [], []
         for t in tasks:
-            x, y = task_test(t)
+            x, y = test_set(test_x, test_y, args, t)
             supsup.set_task(model, own[t])
             correct.append(supsup.predict(model, x) == y)
             deciding.append(x[idx.clamp(max=n - 1)])
@@ -166,7 +223,7 @@ def evaluate(model, test_x, test_y, args, device, own=None):
         for t, right, inf in zip(tasks, correct, inferred.view(len(tasks), -1)):
             hits = right & (inf == own[t])[batch_of]
             if args.scenario != "GNu":  # score the wrongly inferred batches with their masks
-                x, y = task_test(t)
+                x, y = test_set(test_x, test_y, args, t)
                 for b in (inf != own[t]).nonzero().flatten().tolist():
                     supsup.set_task(model, int(inf[b]))
                     sl = slice(b * bs, min(n, b * bs + bs))
@@ -179,9 +236,11 @@ def evaluate(model, test_x, test_y, args, device, own=None):
 
 def summary(args, rows, k):
     at = [r for r in rows if r["num_learned"] == k]
-    mean = {c: sum(r[c] for r in at) / len(at) for c in ("acc", "task_acc", "given_acc")}
-    return (f"[{args.scenario}] learned {k}: acc {mean['acc']:.4f}  task-acc "
-            f"{mean['task_acc']:.4f}  given {mean['given_acc']:.4f}")
+    text = f"[{args.scenario} {args.method}] learned {k}:"
+    for c, name in (("acc", "acc"), ("task_acc", "task-acc"), ("given_acc", "given")):
+        if at[0][c] != "":  # (no task inference when the task is given)
+            text += f"  {name} {sum(r[c] for r in at) / len(at):.4f}"
+    return text
 
 
 def split_task(x, y, t):
@@ -247,7 +306,7 @@ def run_hopfield(args):
     ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
     device = supsup.get_device(args.device)
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-    model = bnnet(args.output_size, args.tasks, args.seed).to(device)
+    model = nets.bnnet(args.output_size, args.tasks, args.seed).to(device)
     rows, log, learned = [], [], 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -265,6 +324,8 @@ def run_hopfield(args):
                 r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
                          method="hopsupsup", infer="hopfield", objective="entropy",
                          seed=args.seed, num_learned=t + 1, train_seconds="",
+                         bytes=sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()
+                                   for m in supsup.neuron_masks(model)),
                          seconds=round(time.time() - start, 1))
                 rows.append(r)
             supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
@@ -277,9 +338,109 @@ def run_hopfield(args):
     return rows
 
 
+def infer_batche(model, x, k):
+    """One-shot task inference for BatchE (paper App. C): every decision x[b] ([D, R, 784])
+    superposes the first k tasks' factors at alphas 1/k; its task is argmin_i dH/dalpha_i,
+    all decisions from one backward pass, as many at once as CHUNK floats of activations
+    allow."""
+    layers = [m for m in model.modules() if isinstance(m, nets.BatchE)]
+    width = max(max(m.layer.weight.shape) for m in layers)
+    step, out = max(1, supsup.CHUNK // (k * width * x.shape[1])), []
+    try:
+        for i in range(0, len(x), step):
+            alphas = torch.full((len(x[i:i + step]), k), 1 / k, device=x.device,
+                                requires_grad=True)
+            for m in layers:
+                m.alphas = alphas
+            with torch.enable_grad():
+                entropy = supsup.entropy(model(x[i:i + step])).sum()  # a sum of independent Hs
+                out.append(torch.autograd.grad(entropy, alphas)[0].argmin(1))
+    finally:
+        for m in layers:
+            m.alphas = None
+    return torch.cat(out)
+
+
+def baseline_bytes(model, k, args):
+    """fp32 bytes to serve k tasks: the shared weights (upper-bound: a whole net a task) and
+    the tasks' own factors; PSP's contexts are seeds."""
+    shared = 4 * sum(p.numel() for p in nets.shared_parameters(model, args.tasks))
+    own = 4 * sum(p.numel() for t in range(k) for p in nets.task_parameters(model, t))
+    return shared * (k if args.method == "upper-bound" else 1) + own
+
+
+@torch.no_grad()
+def evaluate_baseline(model, test_x, test_y, args, k, accs):
+    """One row per learned task, the task given (upper-bound: read right after its training,
+    accs); batche with --infer oneshot also infers it, scored as GNu."""
+    rows, bs, n = [], args.test_batch_size, len(test_x)
+    for t in range(k):
+        x, y = test_set(test_x, test_y, args, t)
+        supsup.set_task(model, t)
+        right = supsup.predict(model, x) == y
+        given = accs[t] if args.method == "upper-bound" else right.float().mean().item()
+        row = dict(task=t, acc=given, task_acc="", given_acc=given, n_test=n)
+        if args.infer == "oneshot":
+            inferred = infer_batche(model, x[::bs, None], k)  # the first image of each batch
+            hits = right & (inferred == t).repeat_interleave(bs)[:n]
+            row.update(acc=hits.float().mean().item(),
+                       task_acc=(inferred == t).float().mean().item())
+        rows.append(row)
+    return rows
+
+
+def run_baseline(args):
+    """A comparison line of the GNu figures: dense layers (nets.Dense) trained per BASELINES,
+    given the task at test time (or, for batche with --infer oneshot, inferring it)."""
+    ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
+    device = supsup.get_device(args.device)
+    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    spec = BASELINES[args.method]
+    model = NETS[args.model](args.output_size, args.tasks, args.seed, layers=nets.Dense(
+        args.tasks, args.seed, **spec["layers"])).to(device)
+    rows, accs, train_seconds, learned = [], {}, [], 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        rows, accs, train_seconds, learned = (ckpt["rows"], ckpt["accs"], ckpt["train_seconds"],
+                                              ckpt["learned"])
+    start = time.time() - (ckpt["seconds"] if ckpt else 0)
+    for t in range(learned, args.tasks):
+        t0, trunk = time.time(), t < spec["trunk_tasks"]
+        opt = spec["opt"](nets.trainable(model, t, args.tasks, trunk),
+                          args.trunk_lr if trunk else args.lr)
+        pix = data.TASKS[args.dataset](args.seed, t).to(device)
+        supsup.set_task(model, t)
+        model.train()
+        loss = supsup.train_steps(model, task_batches(train_x, train_y, pix[None], t, args), opt)
+        model.eval()
+        train_seconds.append(time.time() - t0)
+        x, y = test_set(test_x, test_y, args, t)
+        accs[t] = (supsup.predict(model, x) == y).float().mean().item()
+        print(f"[{args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc {accs[t]:.4f}  "
+              f"{train_seconds[t]:.1f}s", flush=True)
+        if t + 1 in args.eval_at:
+            for r in evaluate_baseline(model, test_x, test_y, args, t + 1, accs):
+                r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
+                         method=args.method, infer=args.infer, objective="entropy",
+                         seed=args.seed, num_learned=t + 1, bytes=baseline_bytes(
+                             model, t + 1, args), train_seconds=round(train_seconds[r["task"]], 2),
+                         seconds=round(time.time() - start, 1))
+                rows.append(r)
+            supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
+            print(summary(args, rows, t + 1), flush=True)
+        supsup.save_checkpoint(args.out, dict(args=vars(args), model=model.state_dict(),
+                                              rows=rows, accs=accs, learned=t + 1,
+                                              train_seconds=train_seconds,
+                                              seconds=time.time() - start))
+    print(f"done in {(time.time() - start) / 60:.1f} min; results in {args.out}/results.csv")
+    return rows
+
+
 def run(args):
     if args.infer == "hopfield":
         return run_hopfield(args)
+    if args.method in BASELINES:
+        return run_baseline(args)
     ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
     rows = ckpt["rows"] if ckpt else []
     if ckpt and len(ckpt["banks"][0]) == args.tasks:
@@ -316,7 +477,7 @@ def run(args):
             for r in new:
                 r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
                          method="supsup", infer=args.infer, objective=args.objective,
-                         seed=args.seed, num_learned=t, seconds=seconds,
+                         seed=args.seed, num_learned=t, seconds=seconds, bytes=mask_bytes(model, t),
                          train_seconds=round(train_seconds[r["task"]], 2))
             rows += new
             supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)

@@ -184,6 +184,7 @@ def run(args):
                 r.update(scenario="NNs", dataset="permuted", model=args.model, method="supsup",
                          infer="oneshot", objective="entropy", seed=args.seed,
                          num_learned=task + 1, masks=state["allocated"], train_seconds="",
+                         bytes=run_gn.mask_bytes(model, state["allocated"]),
                          seconds=round(time.time() - start, 1))
                 state["rows"].append(r)
             supsup.write_csv(os.path.join(args.out, "results.csv"), state["rows"], COLUMNS)

@@ -1055,3 +1055,89 @@ def test_hopsupsup_recovers_every_mask_exactly_on_splitmnist(tmp_path):
     assert len(last) == 6 and set(last.values()) == {"0"}
     with pytest.raises(SystemExit):  # the three flags go together
         run_gn.main(["--dataset", "splitmnist", "--infer", "oneshot"])
+
+
+# ------------------------------------------------------------------ GNu comparison lines
+
+
+def test_psp_contexts_are_orthogonal_seeded_and_equal_the_dense_reference():
+    layers = [nets.PSP(torch.nn.Linear(30, 7, bias=False), seed=1, index=i) for i in (0, 1)]
+    x = torch.randn(5, 30)
+    contexts = {}
+    for i, layer in enumerate(layers):
+        for t in (0, 3):
+            c = layer.context(t)
+            assert torch.allclose(c @ c.T, torch.eye(30), atol=1e-5)  # orthogonal
+            supsup.set_task(layer, t)
+            assert torch.allclose(layer(x), F.linear(x, layer.layer.weight @ c), atol=1e-5)
+            contexts[i, t] = c
+    assert not torch.allclose(contexts[0, 0], contexts[0, 3])  # per task
+    assert not torch.allclose(contexts[0, 0], contexts[1, 0])  # and per layer
+    again = nets.PSP(torch.nn.Linear(30, 7, bias=False), seed=1, index=1)
+    assert torch.equal(again.context(3), contexts[1, 3])  # a seed is all a context costs
+    # Haar: the sign-fixed QR leaves no bias; the mean of an entry over draws is about 0
+    mean = sum(nets.PSP(torch.nn.Linear(4, 1), 0, 0).context(t) for t in range(2000)) / 2000
+    assert mean.abs().max() < 0.05
+
+
+def test_batche_superposition_equals_the_mixed_rank_one_weights():
+    g = torch.Generator().manual_seed(0)
+    be = nets.BatchE(torch.nn.Linear(6, 4, bias=False), 5, g)
+    x = torch.randn(3, 2, 6)  # 3 decisions of 2 images
+    s, t = torch.stack(list(be.s)).detach(), torch.stack(list(be.t)).detach()
+    for alphas in (torch.eye(4)[[2, 0, 3]], torch.full((3, 4), 0.25)):
+        be.alphas = alphas
+        for b in range(3):
+            mix = sum(alphas[b, i] * torch.outer(s[i], t[i]) for i in range(4))
+            assert torch.allclose(be(x)[b], F.linear(x[b], be.layer.weight * mix), atol=1e-6)
+    be.alphas = None
+
+
+@pytest.mark.parametrize("method", list(run_gn.BASELINES))
+def test_gn_baselines_run_and_store_as_counted(tmp_path, method):
+    folder = write_fake_mnist(str(tmp_path / "mnist"))
+    rows = run_gn.main(small_args(folder, str(tmp_path / "run"), "--method", method))
+    assert [(r["num_learned"], r["task"]) for r in rows] == [(2, 0), (2, 1), (3, 0), (3, 1),
+                                                             (3, 2)]
+    assert all(r["method"] == method and r["acc"] == r["given_acc"] and r["task_acc"] == ""
+               for r in rows)
+    trunk = 4 * (784 * 300 + 300 * 100 + 100 * 10)  # fp32 lenet with 10 outputs
+    factors = 4 * ((300 + 784) + (100 + 300) + (10 + 100))  # a task's s and t, every layer
+    expect = {"batche": trunk + 3 * factors, "psp": trunk, "upper-bound": 3 * trunk,
+              "lower-bound": trunk}
+    assert rows[-1]["bytes"] == expect[method]
+    if method == "upper-bound":  # read right after each task's training
+        assert rows[0]["acc"] == rows[2]["acc"] and rows[1]["acc"] == rows[3]["acc"]
+    if method == "batche":  # the trunk is frozen after task 0: nothing is forgotten
+        assert rows[0]["acc"] == rows[2]["acc"] and rows[1]["acc"] == rows[3]["acc"]
+
+
+def test_oneshot_batche_gradients_per_decision_in_any_chunking(monkeypatch):
+    model = nets.lenet(50, 4, seed=0, layers=nets.Dense(4, 0, factors=True))
+    x = torch.randn(6, 1, 784)
+    expect = []
+    for b in range(6):  # one decision at a time, by plain autograd
+        alphas = torch.full((1, 4), 0.25, requires_grad=True)
+        for m in model.modules():
+            if isinstance(m, nets.BatchE):
+                m.alphas = alphas
+        g, = torch.autograd.grad(supsup.entropy(model(x[b:b + 1])).sum(), alphas)
+        expect.append(int(g.argmin()))
+    for m in model.modules():
+        if isinstance(m, nets.BatchE):
+            m.alphas = None
+    assert run_gn.infer_batche(model, x, 4).tolist() == expect
+    monkeypatch.setattr(supsup, "CHUNK", 4 * 784 * 2)  # two decisions per pass
+    assert run_gn.infer_batche(model, x, 4).tolist() == expect
+    assert model(x[:, 0]).shape == (6, 50)  # the alphas are unset afterwards
+
+
+def test_oneshot_batche_infers_tasks_and_method_flags(tmp_path, capsys):
+    folder = write_fake_mnist(str(tmp_path / "mnist"))
+    rows = run_gn.main(small_args(folder, str(tmp_path / "run"), "--method", "batche",
+                                  "--infer", "oneshot", "--output-size", "50"))
+    assert all(0 <= r["task_acc"] <= 1 and r["acc"] <= r["given_acc"] for r in rows)
+    for argv in (["--method", "psp", "--infer", "oneshot"], ["--infer", "given"]):
+        with pytest.raises(SystemExit):
+            run_gn.main(argv)
+        assert "--infer" in capsys.readouterr().err
