@@ -350,3 +350,34 @@ def imagenet_split(num_classes=1000, per_task=10):
     """[100, 10] classes of SplitImageNet: 100 tasks of 10 consecutive classes of one fixed
     permutation (seed 1, as the original, whatever the run's seed)."""
     return class_split(1, num_classes, per_task, shuffle=True)
+
+
+# -------------------------------------------------------------------- synthetic stand-ins
+
+
+def synthetic_cifar100(root, per_class=(6, 2), seed=0):
+    """CIFAR-100's python pickles (root/cifar-100-python/train and test) holding random
+    images, per_class of each class: the real format, for tests and quick runs."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    for split, n in zip(("train", "test"), per_class):
+        labels = np.repeat(np.arange(100), n)
+        d = {b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
+             b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()}
+        with open(os.path.join(folder, split), "wb") as f:
+            pickle.dump(d, f)
+    return root
+
+
+def synthetic_imagefolder(root, classes=20, per_class=2, seed=0):
+    """root/train and root/val ImageFolder trees of random 40x50 JPEGs (needs Pillow)."""
+    Image, rng = pil_image(), np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for k in range(classes):
+            folder = os.path.join(root, split, f"n{k:08d}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
+                    os.path.join(folder, f"{i}.JPEG"))
+    return root

@@ -1,6 +1,6 @@
 """Tests: each checks SupSup against a hand-computed reference or a property the paper relies on.
 
-    pytest -q test_supsup.py      # CPU, no network, no torchvision; about 40 s on 2 cores
+    pytest -q test_supsup.py      # CPU, no network, no torchvision; about 1 min on 2 cores
 
 Real-MNIST checks use the idx files in $MNIST_DIR (default ../shared/data/mnist) and are
 skipped, with the reason, when they are not there. Everything else writes small files itself.
@@ -9,6 +9,7 @@ import argparse
 import csv
 import gzip
 import inspect
+import json
 import math
 import os
 import pickle
@@ -439,20 +440,6 @@ def test_clear_errors_never_lose_results(tmp_path, monkeypatch, capsys):
 # ------------------------------------------------------------------------------------- GG
 
 
-def write_fake_cifar100(root, per_class=(6, 2), seed=0):
-    """CIFAR-100's python pickles (cifar-100-python/train and test) with random images."""
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(root, "cifar-100-python")
-    os.makedirs(folder, exist_ok=True)
-    for split, n in zip(("train", "test"), per_class):
-        labels = np.repeat(np.arange(100), n)
-        d = {b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
-             b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()}
-        with open(os.path.join(folder, split), "wb") as f:
-            pickle.dump(d, f)
-    return root
-
-
 def test_er_density_budget_of_gemresnet18():
     net = nets.gemresnet18(5, 1, seed=0, sparsity=8)
     layers = supsup.masked_layers(net)
@@ -469,7 +456,7 @@ def test_er_density_budget_of_gemresnet18():
 
 
 def test_cifar100_pickles_split_and_errors(tmp_path):
-    root = write_fake_cifar100(str(tmp_path))
+    root = data.synthetic_cifar100(str(tmp_path))
     tx, ty, vx, vy = data.load_cifar100(root, "cpu")
     assert tx.shape == (600, 3, 32, 32) and vx.shape == (200, 3, 32, 32)
     raw = pickle.load(open(os.path.join(root, "cifar-100-python", "train"), "rb"))[b"data"]
@@ -503,7 +490,7 @@ def test_crop_flip_equals_per_image_crop_and_flip():
 
 @pytest.mark.parametrize("method", ["supsup", "supsup-transfer"])
 def test_gg_zero_forgetting_bit_for_bit_and_per_task_batchnorm(tmp_path, method):
-    root = write_fake_cifar100(str(tmp_path))
+    root = data.synthetic_cifar100(str(tmp_path))
     argv = ["--data", root, "--tasks", "3", "--epochs", "2", "--method", method,
             "--sparsity", "32", "--device", "cpu"]
     rows = run_gg.main(argv + ["--out", str(tmp_path / "run")])  # the whole pipeline
@@ -542,7 +529,7 @@ def test_gg_zero_forgetting_bit_for_bit_and_per_task_batchnorm(tmp_path, method)
 
 
 def test_gg_resume_equals_uninterrupted_and_missing_data(tmp_path, monkeypatch, capsys):
-    root = write_fake_cifar100(str(tmp_path))
+    root = data.synthetic_cifar100(str(tmp_path))
     argv = ["--data", root, "--tasks", "2", "--epochs", "1", "--method", "supsup-transfer",
             "--sparsity", "16", "--device", "cpu", "--out"]
     full = run_gg.main(argv + [str(tmp_path / "full")])
@@ -557,7 +544,7 @@ def test_gg_resume_equals_uninterrupted_and_missing_data(tmp_path, monkeypatch, 
 
 
 def test_gg_task_runs_merge_into_the_full_table(tmp_path, capsys):
-    root = write_fake_cifar100(str(tmp_path))
+    root = data.synthetic_cifar100(str(tmp_path))
     argv = ["--data", root, "--tasks", "3", "--epochs", "1", "--sparsity", "4", "--device",
             "cpu", "--out"]
     full = run_gg.main(argv + [str(tmp_path / "full")])
@@ -659,7 +646,7 @@ def gemresnet18_bn_channels():
 
 @pytest.mark.parametrize("method", list(run_gg.BASELINES))
 def test_gg_baselines_run_store_and_forget_as_designed(tmp_path, method):
-    root = write_fake_cifar100(str(tmp_path))
+    root = data.synthetic_cifar100(str(tmp_path))
     argv = ["--data", root, "--tasks", "2", "--epochs", "1", "--method", method,
             "--device", "cpu", "--out", str(tmp_path / "run")]
     rows = run_gg.main(argv)
@@ -905,15 +892,8 @@ def test_imagenet_split_is_fixed():
 
 
 def test_gg_splitimagenet_runs_on_an_image_folder_tree(tmp_path):
-    Image = pil()
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for k in range(20):
-            folder = tmp_path / split / f"n{k:08d}"
-            os.makedirs(folder)
-            for i in range(2):
-                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
-                    folder / f"{i}.JPEG")
+    pil()
+    data.synthetic_imagefolder(str(tmp_path))
     argv = ["--dataset", "splitimagenet", "--data", str(tmp_path), "--tasks", "2", "--epochs",
             "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--sparsity", "4",
             "--out", str(tmp_path / "run")]
@@ -933,7 +913,7 @@ def test_gg_splitimagenet_runs_on_an_image_folder_tree(tmp_path):
 
 
 def test_gg_parallel_tasks_match_sequential_and_bf16_channels_last_run(tmp_path):
-    root = write_fake_cifar100(str(tmp_path))
+    root = data.synthetic_cifar100(str(tmp_path))
     argv = ["--data", root, "--tasks", "3", "--epochs", "2", "--sparsity", "32", "--device",
             "cpu", "--out"]
     seq = run_gg.main(argv + [str(tmp_path / "seq")])
@@ -1141,3 +1121,74 @@ def test_oneshot_batche_infers_tasks_and_method_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             run_gn.main(argv)
         assert "--infer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- run_all.sh, plot.py
+
+
+def run_all(**env):
+    out = subprocess.run(["bash", os.path.join(os.path.dirname(__file__), "run_all.sh")],
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_run_all_lists_every_figure_with_valid_flags():
+    scripts = {"run_gg.py": run_gg, "run_gn.py": run_gn, "run_nns.py": run_nns}
+    for quick in ("0", "1"):
+        lines = run_all(LIST="1", QUICK=quick, SEEDS="3")
+        names = {line.split("--out ")[1].split("/")[-1] for line in lines}
+        for fig in ("fig2-splitcifar100", "fig2-splitimagenet", "fig3-permuted-lenet",
+                    "fig3-permuted-fc1024", "fig4-gnu2500", "fig4-nns", "fig5-rotated",
+                    "fig5-oneshot-batche", "fig6-lenet", "fig6-fc1024", "fig7-hopsupsup"):
+            assert any(n.startswith(fig) for n in names), fig
+        assert len(names) == len(lines)  # every run has its own folder
+        for line in lines:  # each command's flags parse and pass the script's checks
+            argv = line.split()
+            assert argv[0] == "python" and argv[1] in scripts
+            module = scripts[argv[1]]
+            p = module.get_parser()
+            module.resolve(p.parse_args(argv[2:]), p)
+    lanes = run_all(DRY_RUN="1", GPUS="0,1,2,3", SEEDS="1")
+    assert {line.split("]")[0] for line in lanes} == {"[lane 0", "[lane 1", "[lane 2", "[lane 3"}
+
+
+def test_plot_draws_every_figure_and_the_table(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed")
+    import plot
+
+    def run(name, args, accs, extra=None):  # a run folder as the scripts write it
+        folder = tmp_path / "runs" / name
+        os.makedirs(folder)
+        (folder / "args.json").write_text(json.dumps(args))
+        rows = [dict(num_learned=k, task=t, acc=a, bytes=100 * k) for k, a in accs for t in
+                range(k)]
+        (folder / "results.csv").write_text("num_learned,task,acc,bytes\n" + "".join(
+            f"{r['num_learned']},{r['task']},{r['acc']},{r['bytes']}\n" for r in rows))
+        if extra:
+            (folder / "hopfield.csv").write_text(extra)
+
+    gn = dict(method="supsup", model="lenet", scenario="GNu", objective="entropy",
+              infer="oneshot", dataset="permuted", output_size=100, tasks=3)
+    for seed, acc in ((1, 0.9), (2, 0.8)):
+        run(f"h{seed}", {**gn, "seed": seed}, [(2, acc), (3, acc)])
+        run(f"gg{seed}", dict(workers=8, method="supsup", sparsity=8, dataset="splitcifar100",
+                              tasks=2, seed=seed), [(2, acc)])
+    run("gg-s4", dict(workers=8, method="supsup", sparsity=4, dataset="splitcifar100", tasks=2,
+                      seed=1), [(2, 0.7)])
+    run("nns", dict(check_every=100, tasks=3), [(3, 0.5)])
+    run("hop", {**gn, "infer": "hopfield", "dataset": "splitmnist", "model": "bnnet"},
+        [(2, 0.99)], "num_learned,task,step,layer,hamming\n2,0,1,0,5\n2,0,1,1,3\n2,0,2,0,0\n"
+                     "2,0,2,1,0\n")
+    written = plot.main([str(tmp_path / "runs"), "--out", str(tmp_path / "figs")])
+    assert sorted(os.path.basename(p) for p in written) == [
+        "fig2_splitcifar100.png", "fig3_permuted_lenet.png", "fig4_2500.png",
+        "fig6_output_size_lenet.png", "fig7_hopsupsup.png"]
+    for path in written:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "figs" / "results.md").read_text()
+    assert "| fig3_permuted_lenet | SupSup (GNu, H) | 2 | 3 | 0.8500 +- 0.0500 | 300 |" in md
+    assert "| fig2_splitcifar100 | supsup s=8 | 2 | 2 | 0.8500 +- 0.0500 | 200 |" in md
+    assert "| fig2_splitcifar100 | supsup s=4 | 1 | 2 | 0.7000 +- 0.0000 | 200 |" in md
+    assert plot.hamming(str(tmp_path / "runs" / "hop")) == {1: 8.0, 2: 0.0}
+    assert "import torch" not in open(plot.__file__).read()

@@ -1,0 +1,216 @@
+"""The paper's figures and a table of final numbers from the runs' results.csv files.
+
+    python plot.py                      # runs/ -> figures/*.png and figures/results.md
+    python plot.py RUNS_DIR --out FIG_DIR
+
+Every folder under RUNS_DIR with an args.json and a results.csv is one run; its arguments say
+which figures it belongs to and as which curve. Runs that differ only in --seed are one curve:
+the mean over seeds with a band (or bars) of one standard deviation. Never imports torch.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+
+DEFAULT_OUTPUTS = {"lenet": 100, "fc1024": 500}  # Fig. 3's output sizes
+# The paper's numbers where its text or tables give them (reference Sec. 9), by (figure, curve)
+PAPER = {
+    ("fig3_permuted_lenet", "SupSup (GNu, H)"): "94.91% (Table 7); ~93-95% (Fig. 3)",
+    ("fig3_permuted_lenet", "SupSup (GNu, G)"): "~93-95% (Fig. 3)",
+    ("fig2_splitcifar100", "lower-bound"): "24.5%",
+    ("fig2_splitimagenet", "supsup s=4"): "86.37%, 65.50 MB",
+    ("fig2_splitimagenet", "supsup s=8"): "88.68%, 100.98 MB",
+    ("fig2_splitimagenet", "supsup s=16"): "89.58%, 195.18 MB",
+    ("fig2_splitimagenet", "batche"): "81.50%, 124.99 MB",
+    ("fig2_splitimagenet", "upper-bound"): "92.55%, 10222.81 MB",
+    ("fig7_hopsupsup", "HopSupSup"): "exact mask in < 30 steps (Fig. 7)",
+}
+TITLES = {
+    "fig2_splitcifar100": "Fig. 2 right: SplitCIFAR100 (GG), accuracy vs bytes",
+    "fig2_splitimagenet": "Fig. 2 left: SplitImageNet (GG), accuracy vs bytes",
+    "fig3_permuted_lenet": "Fig. 3 left: PermutedMNIST, LeNet",
+    "fig3_permuted_fc1024": "Fig. 3 right: PermutedMNIST, FC 1024-1024",
+    "fig4_2500": "Fig. 4: 2500 tasks, LeNet, 500 outputs",
+    "fig5_rotated": "Fig. 5 left: RotatedMNIST, FC 1024-1024",
+    "fig5_oneshot_batche": "Fig. 5 right: one-shot BatchE, FC 1024-1024, 500 outputs",
+    "fig6_output_size_lenet": "Fig. 6 left: output size, LeNet",
+    "fig6_output_size_fc1024": "Fig. 6 right: output size, FC 1024-1024",
+    "fig7_hopsupsup": "Fig. 7: HopSupSup mask recovery on SplitMNIST",
+}
+
+
+def curves_of(a):
+    """[(figure, curve label)] a run with arguments a belongs to."""
+    if "check_every" in a:  # run_nns.py
+        return [("fig4_2500", "NNs")]
+    if "workers" in a:  # run_gg.py: SupSup's sparsities make one curve
+        return [(f"fig2_{a['dataset']}", a["method"])]
+    if a["infer"] == "hopfield":
+        return [("fig7_hopsupsup", "HopSupSup")]
+    method, model = a.get("method", "supsup"), a["model"]  # (runs from before --method)
+    label = (f"SupSup ({a['scenario']}, {'G' if a['objective'] == 'g' else 'H'})"
+             if method == "supsup" else f"{method} (GG)" if a["infer"] == "given" else method)
+    if a["dataset"] == "rotated":
+        return [("fig5_rotated", label)]
+    if method == "batche" and a["infer"] == "oneshot":
+        return [("fig5_oneshot_batche", "one-shot BatchE")]
+    if a["tasks"] > 250 or (model, a["output_size"]) == ("lenet", 500):  # Fig. 4's setting
+        return [("fig4_2500", label)]
+    out = []
+    if method != "supsup" or a["output_size"] == DEFAULT_OUTPUTS[model]:
+        out.append((f"fig3_permuted_{model}", label))
+    if method in ("upper-bound", "lower-bound"):
+        out.append((f"fig6_output_size_{model}", label))
+    elif method == "supsup" and a["output_size"] in (25, 100, 200):
+        out.append((f"fig6_output_size_{model}", f"s={a['output_size']}, {label[-2]}"))
+    return out
+
+
+def read_runs(root):
+    """{(figure, curve, tasks): [run]}; a run is (args, results rows, folder): runs of one
+    curve differ in their seed only (and the number of tasks keeps longer runs apart)."""
+    curves = {}
+    for folder, _, files in sorted(os.walk(root)):
+        if "args.json" not in files or "results.csv" not in files:
+            continue
+        with open(os.path.join(folder, "args.json")) as f:
+            a = json.load(f)
+        with open(os.path.join(folder, "results.csv")) as f:
+            rows = list(csv.DictReader(f))
+        if rows:
+            for figure, label in curves_of(a):
+                curves.setdefault((figure, label, a["tasks"]), []).append((a, rows, folder))
+    return curves
+
+
+def by_tasks(rows):
+    """{tasks learned: mean accuracy over the tasks scored then}."""
+    acc = {}
+    for r in rows:
+        acc.setdefault(int(r["num_learned"]), []).append(float(r["acc"]))
+    return {k: float(np.mean(v)) for k, v in sorted(acc.items())}
+
+
+def final(rows):
+    """(mean accuracy after the last task, bytes then) of one run."""
+    k = max(int(r["num_learned"]) for r in rows)
+    last = [r for r in rows if int(r["num_learned"]) == k]
+    size = last[0].get("bytes")  # (absent from runs made before the column existed)
+    return float(np.mean([float(r["acc"]) for r in last])), int(size) if size else None, k
+
+
+def hamming(folder):
+    """{step: mean over tasks of the summed Hamming distance of the layers}, last eval point."""
+    with open(os.path.join(folder, "hopfield.csv")) as f:
+        log = list(csv.DictReader(f))
+    k = max(int(r["num_learned"]) for r in log)
+    per = {}
+    for r in log:
+        if int(r["num_learned"]) == k:
+            key = (int(r["step"]), r["task"])
+            per[key] = per.get(key, 0) + int(r["hamming"])
+    steps = {}
+    for (step, _), d in per.items():
+        steps.setdefault(step, []).append(d)
+    return {s: float(np.mean(v)) for s, v in sorted(steps.items())}
+
+
+def band(ax, series, label):
+    """Mean and one standard deviation over runs of {x: y} series, on their common x."""
+    xs = sorted(set.intersection(*[set(s) for s in series]))
+    ys = np.array([[s[x] for x in xs] for s in series])
+    mean, std = ys.mean(0), ys.std(0)
+    ax.plot(xs, mean, marker="o", ms=3, label=f"{label} ({len(series)} runs)")
+    ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+
+
+def draw(figure, curves, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (label, tasks), runs in sorted(curves.items()):
+        label = f"{label}, {tasks} tasks"
+        if figure.startswith("fig2"):  # accuracy against bytes, a point per sparsity
+            points = {}
+            for a, rows, _ in runs:
+                acc, size, _ = final(rows)
+                points.setdefault(a["sparsity"], []).append((size, acc))
+            x, y, e = zip(*sorted((np.mean([p[0] for p in v]), np.mean([p[1] for p in v]),
+                                   np.std([p[1] for p in v])) for v in points.values()))
+            ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2,
+                        label=f"{label} ({len(runs)} runs)")
+        elif figure == "fig7_hopsupsup":
+            band(ax, [hamming(folder) for _, _, folder in runs], label)
+        else:
+            band(ax, [by_tasks(rows) for _, rows, _ in runs], label)
+    if figure.startswith("fig2"):
+        ax.set(xscale="log", xlabel="total bytes", ylabel="mean accuracy")
+    elif figure == "fig7_hopsupsup":
+        ax.set(xlabel="recovery step (test batch of 64)", ylabel="Hamming distance to the mask")
+    else:
+        ax.set(xlabel="number of tasks learned", ylabel="mean accuracy")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one legend entry per label
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    ax.set_title(TITLES.get(figure, figure), fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out, figure + ".png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def table(curves):
+    """Markdown: per figure and curve, the final accuracy (mean +- std over runs) and bytes,
+    with the paper's number where it gives one."""
+    lines = ["| figure | curve | runs | tasks | accuracy | bytes | paper |",
+             "|---|---|---|---|---|---|---|"]
+    for (figure, label, _), runs in sorted(curves.items()):
+        groups = {}  # SupSup in GG: a line per sparsity
+        for a, rows, _ in runs:
+            s = f" s={a['sparsity']:g}" if "workers" in a and label.startswith("supsup") else ""
+            groups.setdefault(label + s, []).append(final(rows))
+        for name, finals in groups.items():
+            accs = [f[0] for f in finals]
+            size = f"{int(np.mean([f[1] for f in finals])):,}" if finals[0][1] else ""
+            lines.append(f"| {figure} | {name} | {len(finals)} | {finals[0][2]} | "
+                         f"{np.mean(accs):.4f} +- {np.std(accs):.4f} | {size} | "
+                         f"{PAPER.get((figure, name), '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="?", default="runs", help="folder holding the run folders")
+    p.add_argument("--out", default="figures", help="where the PNGs and results.md go")
+    args = p.parse_args(argv)
+    curves = read_runs(args.runs)
+    if not curves:
+        print(f"plot.py: error: no run (args.json + results.csv) under {args.runs}; run "
+              "bash run_all.sh first or pass the runs folder", file=sys.stderr)
+        sys.exit(1)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        print(f"plot.py: error: cannot write to {args.out} ({e.strerror}); pass --out DIR",
+              file=sys.stderr)
+        sys.exit(1)
+    figures = {}
+    for (figure, label, tasks), runs in curves.items():
+        figures.setdefault(figure, {})[label, tasks] = runs
+    written = [draw(f, c, args.out) for f, c in sorted(figures.items())]
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table(curves))
+    for path in written + [os.path.join(args.out, "results.md")]:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()

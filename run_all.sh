@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The paper's experiment section: one line per (figure, method, setting, seed), with its flags.
+#
+#   bash run_all.sh                         # everything, on the CPU or on every GPU in GPUS
+#   GPUS=0,1,2,3 bash run_all.sh            # four lanes, one per GPU (CUDA_VISIBLE_DEVICES)
+#   QUICK=1 bash run_all.sh                 # few tasks and steps: every figure, in minutes
+#   DRY_RUN=1 bash run_all.sh               # print the lanes and their commands, run nothing
+#   LIST=1 bash run_all.sh | parallel -j 4  # one command per line (GNU parallel, Slurm arrays)
+#   python plot.py runs --out figures       # then the figures and the table
+#
+# Knobs: GPUS (comma list; empty: one CPU lane), SEEDS (default 0 1 2 3 4; QUICK: 1 2), DATA (MNIST and
+# CIFAR-100 are read or downloaded there; default data), IMAGENET (an ImageFolder tree with
+# train/ and val/; default $DATA/imagenet), OUT (default runs). Every run writes OUT/NAME/ with
+# its own log.txt; a finished run is skipped, an interrupted one resumes (the scripts resume
+# from their checkpoints). The script waits for every lane and exits 1 naming the runs that
+# failed.
+set -u
+cd "$(dirname "$0")"
+GPUS=${GPUS-}
+QUICK=${QUICK:-0}
+[ "$QUICK" = 1 ] && SEEDS=${SEEDS:-1 2}  # two seeds still draw the bands
+SEEDS=${SEEDS:-0 1 2 3 4}
+DATA=${DATA:-data}
+IMAGENET=${IMAGENET:-$DATA/imagenet}
+OUT=${OUT:-runs}
+DRY_RUN=${DRY_RUN:-0}
+LIST=${LIST:-0}
+
+CIFAR=$DATA
+GG="" IN="" GN="" GN2500="" NNS="" ROT="" HOP=""
+if [ "$QUICK" = 1 ]; then  # a few tasks and steps; synthetic CIFAR-100 and ImageNet files
+    CIFAR=$OUT/synthetic IMAGENET=$OUT/synthetic/imagenet
+    GG="--tasks 2 --epochs 1"
+    IN="--tasks 2 --epochs 1 --batch-size 8 --workers 0"
+    GN="--tasks 3 --steps 50 --eval-at 1,2"
+    GN2500="--tasks 3 --steps 50 --eval-at 1,2"
+    NNS="--tasks 3 --steps 200 --eval-at 1,2"
+    ROT="--tasks 3 --steps 50 --eval-at 1,2"
+    HOP="--tasks 2 --steps 20"
+fi
+
+emit() {  # NAME COMMAND...: one run, written as NAME<TAB>COMMAND --out OUT/NAME
+    local name=$1
+    shift
+    printf '%s\t%s --out %q\n' "$name" "$*" "$OUT/$name"
+}
+
+runs() {
+    local seed s m model obj
+    for seed in $SEEDS; do
+        # Fig. 2 right: SplitCIFAR100, GEMResNet-18, accuracy against bytes
+        for s in 1 2 4 8 16 32; do
+            for m in supsup supsup-transfer; do
+                emit "fig2-splitcifar100-$m-s$s-seed$seed" python run_gg.py --data "$CIFAR" \
+                    --method $m --sparsity $s --seed "$seed" $GG
+            done
+        done
+        for m in batche batche-randw separate-heads separate-heads-randw upper-bound \
+                lower-bound; do
+            emit "fig2-splitcifar100-$m-seed$seed" python run_gg.py --data "$CIFAR" --method $m \
+                --seed "$seed" $GG
+        done
+        # Fig. 3: PermutedMNIST, 250 tasks; LeNet s=100 (left), FC s=500 (right); H and G
+        for model in lenet fc1024; do
+            for obj in entropy g; do
+                emit "fig3-permuted-$model-supsup-$obj-seed$seed" python run_gn.py \
+                    --data "$DATA" --model $model --objective $obj --seed "$seed" $GN
+            done
+            for m in batche psp upper-bound lower-bound; do
+                emit "fig3-permuted-$model-$m-seed$seed" python run_gn.py --data "$DATA" \
+                    --model $model --method $m --seed "$seed" $GN
+            done
+        done
+        # Fig. 4: 2500 tasks, LeNet s=500: GNu (H and G) and NNs
+        for obj in entropy g; do
+            emit "fig4-gnu2500-$obj-seed$seed" python run_gn.py --data "$DATA" --tasks 2500 \
+                --output-size 500 --objective $obj --seed "$seed" $GN2500
+        done
+        emit "fig4-nns-seed$seed" python run_nns.py --data "$DATA" --seed "$seed" $NNS
+        # Fig. 5 left: RotatedMNIST, FC s=200, binary H on the full batch; BatchE and PSP (GG)
+        emit "fig5-rotated-supsup-seed$seed" python run_gn.py --data "$DATA" --dataset rotated \
+            --seed "$seed" $ROT
+        for m in batche psp; do
+            emit "fig5-rotated-$m-seed$seed" python run_gn.py --data "$DATA" --dataset rotated \
+                --method $m --seed "$seed" $ROT
+        done
+        # Fig. 5 right: one-shot BatchE, FC s=500, PermutedMNIST
+        emit "fig5-oneshot-batche-seed$seed" python run_gn.py --data "$DATA" --method batche \
+            --infer oneshot --model fc1024 --output-size 500 --seed "$seed" $GN
+        # Fig. 6: output size s = 25, 100, 200 with H and G (LeNet's s = 100 and the bounds
+        # are Fig. 3's runs)
+        for model in lenet fc1024; do
+            for s in 25 100 200; do
+                [ $model$s = lenet100 ] && continue
+                for obj in entropy g; do
+                    emit "fig6-$model-s$s-$obj-seed$seed" python run_gn.py --data "$DATA" \
+                        --model $model --output-size $s --objective $obj --seed "$seed" $GN
+                done
+            done
+        done
+        # Fig. 7 (appendix): HopSupSup on SplitMNIST
+        emit "fig7-hopsupsup-seed$seed" python run_gn.py --data "$DATA" --dataset splitmnist \
+            --model bnnet --infer hopfield --seed "$seed" $HOP
+    done
+    # Fig. 2 left: SplitImageNet, ResNet-50, one fixed split and seed; SupSup s = 4, 8, 16
+    for s in 4 8 16; do
+        emit "fig2-splitimagenet-supsup-s$s" python run_gg.py --dataset splitimagenet \
+            --data "$IMAGENET" --sparsity $s $IN
+    done
+    for m in batche upper-bound; do
+        emit "fig2-splitimagenet-$m" python run_gg.py --dataset splitimagenet \
+            --data "$IMAGENET" --method $m $IN
+    done
+}
+
+mapfile -t LINES < <(runs)
+if [ "$LIST" = 1 ]; then
+    for line in "${LINES[@]}"; do printf '%s\n' "${line#*$'\t'}"; done
+    exit 0
+fi
+IFS=, read -r -a LANES <<< "$GPUS"
+[ ${#LANES[@]} -eq 0 ] && LANES=(cpu)
+if [ "$QUICK" = 1 ] && [ "$DRY_RUN" != 1 ]; then
+    python -c "import data, sys; data.synthetic_cifar100(sys.argv[1]); \
+data.synthetic_imagefolder(sys.argv[2])" "$CIFAR" "$IMAGENET" || exit 1
+fi
+
+lane() {  # INDEX: every run i with i % lanes == INDEX, one after another
+    local i name cmd gpu=${LANES[$1]}
+    for ((i = $1; i < ${#LINES[@]}; i += ${#LANES[@]})); do
+        name=${LINES[i]%%$'\t'*} cmd=${LINES[i]#*$'\t'}
+        if [ "$DRY_RUN" = 1 ]; then
+            echo "[lane $gpu] $cmd"
+            continue
+        fi
+        [ -f "$OUT/$name/.done" ] && continue
+        mkdir -p "$OUT/$name"
+        echo "[lane $gpu] $name"
+        if if [ "$gpu" = cpu ]; then bash -c "$cmd"; else CUDA_VISIBLE_DEVICES=$gpu bash -c "$cmd"; fi \
+                > "$OUT/$name/log.txt" 2>&1; then
+            touch "$OUT/$name/.done"
+        else
+            echo "$name" >> "$OUT/.failed"
+        fi
+    done
+}
+
+mkdir -p "$OUT"
+rm -f "$OUT/.failed"
+for i in "${!LANES[@]}"; do lane "$i" & done
+wait
+if [ -s "$OUT/.failed" ]; then
+    echo "failed runs (their logs: $OUT/NAME/log.txt): $(tr '\n' ' ' < "$OUT/.failed")" >&2
+    exit 1
+fi
+[ "$DRY_RUN" = 1 ] || echo "all ${#LINES[@]} runs done; figures: python plot.py $OUT"
