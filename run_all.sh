@@ -136,8 +136,8 @@ lane() {  # INDEX: every run i with i % lanes == INDEX, one after another
         [ -f "$OUT/$name/.done" ] && continue
         mkdir -p "$OUT/$name"
         echo "[lane $gpu] $name"
-        if if [ "$gpu" = cpu ]; then bash -c "$cmd"; else CUDA_VISIBLE_DEVICES=$gpu bash -c "$cmd"; fi \
-                > "$OUT/$name/log.txt" 2>&1; then
+        # the CPU lane hides the GPUs (an empty list), a GPU lane sees its GPU only
+        if CUDA_VISIBLE_DEVICES=${gpu/cpu/} bash -c "$cmd" > "$OUT/$name/log.txt" 2>&1; then
             touch "$OUT/$name/.done"
         else
             echo "$name" >> "$OUT/.failed"
