@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from supsup import MaskedConv2d, MaskedLinear, NeuronMask, TaskBatchNorm, er_density
+from supsup import (MaskedConv2d, MaskedLinear, NeuronMask, TaskBatchNorm, er_density,
+                    signed_constant)
 
 
 class Supermasks:
@@ -280,8 +281,7 @@ def bnnet(output_size=10, num_tasks=5, seed=1):
 
     def fixed(c_in, c_out):
         layer = nn.Linear(c_in, c_out, bias=False).requires_grad_(False)
-        sign = torch.randint(0, 2, (c_out, c_in), generator=g).float() * 2 - 1
-        layer.weight.copy_(sign * math.sqrt(2 / c_in))
+        layer.weight.copy_(signed_constant((c_out, c_in), g))
         return layer
 
     return nn.Sequential(fixed(784, 2048), NeuronMask(2048, num_tasks), nn.SiLU(),

@@ -320,12 +320,12 @@ def run_hopfield(args):
         print(f"[hopfield] task {t + 1}/{args.tasks}  loss {loss:.3f}  {time.time() - t0:.1f}s",
               flush=True)
         if t + 1 in args.eval_at:
+            size = sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()  # mask bits, psi
+                       for m in supsup.neuron_masks(model))
             for r in evaluate_hopfield(model, test_x, test_y, args, log):
                 r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
                          method="hopsupsup", infer="hopfield", objective="entropy",
-                         seed=args.seed, num_learned=t + 1, train_seconds="",
-                         bytes=sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()
-                                   for m in supsup.neuron_masks(model)),
+                         seed=args.seed, num_learned=t + 1, train_seconds="", bytes=size,
                          seconds=round(time.time() - start, 1))
                 rows.append(r)
             supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
@@ -419,11 +419,12 @@ def run_baseline(args):
         print(f"[{args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc {accs[t]:.4f}  "
               f"{train_seconds[t]:.1f}s", flush=True)
         if t + 1 in args.eval_at:
+            size = baseline_bytes(model, t + 1, args)  # the same for every row of this point
             for r in evaluate_baseline(model, test_x, test_y, args, t + 1, accs):
                 r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
                          method=args.method, infer=args.infer, objective="entropy",
-                         seed=args.seed, num_learned=t + 1, bytes=baseline_bytes(
-                             model, t + 1, args), train_seconds=round(train_seconds[r["task"]], 2),
+                         seed=args.seed, num_learned=t + 1, bytes=size,
+                         train_seconds=round(train_seconds[r["task"]], 2),
                          seconds=round(time.time() - start, 1))
                 rows.append(r)
             supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)

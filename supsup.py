@@ -126,6 +126,13 @@ def elias_fano_decode(code, n, N):
 CHUNK = 2**26  # floats in one working chunk: unpacked masks, or per-decision gradients
 
 
+def signed_constant(shape, generator):
+    """The fixed weights (paper Sec. 3.1): +-sqrt(2 / fan_in) with random signs, fan_in =
+    c_in k_h k_w; never trained."""
+    sign = torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+    return sign * math.sqrt(2 / math.prod(shape[1:]))
+
+
 class MaskedLayer(nn.Module):
     """Fixed signed-constant weights, the current task's scores, and a bit-packed mask bank.
 
@@ -141,10 +148,8 @@ class MaskedLayer(nn.Module):
     def __init__(self, shape, num_tasks, generator, density=None):
         super().__init__()
         self.fan_in = math.prod(shape[1:])
-        # signed Kaiming constant: +-sqrt(2 / fan_in), random signs, never trained (Sec. 3.1)
-        sign = torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
-        self.register_buffer("weight", sign * math.sqrt(2 / self.fan_in))
-        nbytes = -(-sign.numel() // 8)  # 1 bit per weight
+        self.register_buffer("weight", signed_constant(shape, generator))
+        nbytes = -(-self.weight.numel() // 8)  # 1 bit per weight
         self.register_buffer("bank", torch.zeros(num_tasks, nbytes, dtype=torch.uint8))
         self.register_parameter("scores", None)
         self.density = density  # None: threshold masks (GN/NNs); a fraction: top-k masks (GG)
