@@ -444,15 +444,19 @@ def run(args):
         return run_baseline(args)
     ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
     rows = ckpt["rows"] if ckpt else []
-    if ckpt and len(ckpt["banks"][0]) == args.tasks:
+    if ckpt and "learned" not in ckpt:
+        raise supsup.UserError(f"{args.out}/ckpt.pt was written by an older run_gn.py (masks "
+                               "inside it); delete the run folder to start over")
+    if ckpt and ckpt["learned"] == args.tasks:
         print(summary(args, rows, args.tasks) + f"  (finished; {args.out}/results.csv)")
         return rows
     device = supsup.get_device(args.device)
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
     model = NETS[args.model](args.output_size, args.tasks, args.seed).to(device)
     train_seconds = ckpt["train_seconds"] if ckpt else []
+    masks_file = os.path.join(args.out, "masks.bin")
     if ckpt:
-        supsup.load_bank_state(model, ckpt["banks"])
+        supsup.load_banks(masks_file, model, ckpt["learned"])
         print(f"resuming {args.out} after task {num_learned(model)}")
     session, t_first = time.time(), num_learned(model)
     start = session - (ckpt["seconds"] if ckpt else 0)  # run time counts across resumes
@@ -463,9 +467,11 @@ def run(args):
                            for i in range(t, stop)])
         loss = train_tasks(model, train_x, train_y, pix, args)
         train_seconds += [(time.time() - t0) / (stop - t)] * (stop - t)
+        supsup.save_banks(masks_file, model, t)
         for i in range(t, stop):
             supsup.set_task(model, i)
-            acc = (supsup.predict(model, test_x[:, pix[i - t]]) == test_y).float().mean().item()
+            x = test_x.index_select(1, pix[i - t])
+            acc = (supsup.predict(model, x) == test_y).float().mean().item()
             per_task = (time.time() - session) / (i + 1 - t_first)
             print(f"[{args.scenario}] task {i + 1}/{args.tasks}  loss {loss:.3f}  acc {acc:.4f}  "
                   f"{per_task:.1f}s/task  eta {per_task * (args.tasks - i - 1) / 60:.0f}m",
@@ -483,8 +489,8 @@ def run(args):
             rows += new
             supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
             print(summary(args, rows, t) + f"  eval {time.time() - t1:.1f}s", flush=True)
-        supsup.save_checkpoint(args.out, dict(args=vars(args), banks=supsup.bank_state(model),
-                                              rows=rows, train_seconds=train_seconds,
+        supsup.save_checkpoint(args.out, dict(args=vars(args), learned=t, rows=rows,
+                                              train_seconds=train_seconds,
                                               seconds=time.time() - start))
     print(f"done in {(time.time() - start) / 60:.1f} min; results in {args.out}/results.csv")
     return rows

@@ -159,7 +159,8 @@ def run(args):
                                    device)
         opts, losses = {}, []  # a fresh RMSprop per 1000 steps for each mask, as the original
         for w in range(0, args.steps, args.check_every):
-            batches = [(train_x[b][:, pix], train_y[b]) for b in order[w:w + args.check_every]]
+            batches = [(train_x.index_select(0, b).index_select(1, pix), train_y[b])
+                       for b in order[w:w + args.check_every]]
             i, new = choose(masks, batches[0][0], state["allocated"], args)
             if new:
                 if state["allocated"] == args.budget:

@@ -328,16 +328,33 @@ def finish_task(model):
         m.scores = None
 
 
-def bank_state(model):
-    """The learned part of every layer's bank (what a checkpoint needs besides the seed)."""
-    return [m.bank[: m.num_learned].clone().cpu() for m in masked_layers(model)]
+def save_banks(path, model, lo):
+    """Write tasks lo..learned-1 of the mask bank into the file at path from record lo on, one
+    record per task (its packed rows of every layer, in layer order), cutting whatever lay
+    there (records of a run that died before its checkpoint). Each task is written once, so a
+    run writes O(tasks) bytes over all its checkpoints, not O(tasks^2) (at 2500 LeNet tasks a
+    whole bank is 98.5 MB)."""
+    records = torch.cat([m.bank[lo:m.num_learned].cpu() for m in masked_layers(model)], 1)
+    with open(path, "r+b" if lo and os.path.exists(path) else "wb") as f:
+        f.seek(lo * records.shape[1])
+        f.truncate()
+        f.write(records.numpy().tobytes())
 
 
 @torch.no_grad()
-def load_bank_state(model, banks):
-    for m, b in zip(masked_layers(model), banks):
-        m.bank[: len(b)] = b.to(m.bank.device)
-        m.num_learned = len(b)
+def load_banks(path, model, k):
+    """Read the first k tasks' masks from a file written by save_banks."""
+    layers = masked_layers(model)
+    widths = [m.bank.shape[1] for m in layers]
+    need = k * sum(widths)
+    have = os.path.getsize(path) if os.path.exists(path) else 0
+    if have < need:
+        raise UserError(f"{path} holds {have} bytes, less than the {need} of the {k} tasks "
+                        "its checkpoint lists; delete the run folder to start over")
+    records = torch.from_numpy(np.fromfile(path, np.uint8, count=need)).view(k, -1)
+    for m, bank in zip(layers, records.split(widths, 1)):
+        m.bank[:k] = bank.to(m.bank.device)
+        m.num_learned = k
 
 
 # -------------------------------------------------------------------------- task inference

@@ -377,6 +377,17 @@ def test_run_writes_results_and_resume_equals_uninterrupted(tmp_path, monkeypatc
     assert timeless(resumed) == timeless(full)
     again = run_gn.main(small_args(folder, str(tmp_path / "cut")))  # finished: summary only
     assert again == resumed
+    # ... or dies after task 1's masks reached masks.bin but before its checkpoint: the resumed
+    # run writes over the extra record, and every task's masks are in the file exactly once
+    resumed = crash_then_resume(monkeypatch, run_gn.main,
+                                small_args(folder, str(tmp_path / "cut2")), at=2, saved=False)
+    assert timeless(resumed) == timeless(full)
+    masks = [open(tmp_path / run / "masks.bin", "rb").read() for run in ("full", "cut2")]
+    net = nets.lenet(100, 3, seed=1)
+    assert masks[0] == masks[1] and len(masks[0]) == 3 * sum(
+        m.bank.shape[1] for m in supsup.masked_layers(net))
+    with pytest.raises(supsup.UserError, match="less than"):
+        supsup.load_banks(tmp_path / "cut2" / "masks.bin", nets.lenet(100, 4, seed=1), 4)
 
 
 def test_gnu_and_gns_scoring_rule(tmp_path, monkeypatch):
@@ -431,6 +442,13 @@ def test_clear_errors_never_lose_results(tmp_path, monkeypatch, capsys):
     fails(small_args(bad, str(tmp_path / "r3")), data.FILES[0])
     open(tmp_path / "file", "w").close()
     fails(small_args(folder, str(tmp_path / "file" / "run")), "cannot write to the run folder")
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    torch.save({**ckpt, "learned": 2}, os.path.join(out, "ckpt.pt"))
+    open(os.path.join(out, "masks.bin"), "r+b").truncate(10)  # a masks file cut short
+    fails(small_args(folder, out), "masks.bin holds 10 bytes, less than")
+    del ckpt["learned"]
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))  # as an older run_gn.py wrote it
+    fails(small_args(folder, out), "older run_gn.py")
     os.remove(os.path.join(out, "ckpt.pt"))
     fails(small_args(folder, out), "has results.csv but no ckpt.pt")
     open(os.path.join(out, "ckpt.pt"), "w").write("garbage")
