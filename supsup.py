@@ -26,16 +26,19 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------- masks
 
 
-class ThresholdWeight(torch.autograd.Function):
-    """W * 1[scores >= 0], straight-through: d/dscores = grad * W (GN/NNs; paper Sec. 4.2).
+def threshold_weight(scores, weight):
+    """W * 1[scores >= 0] in one pass: the mask is written as floats directly (on CPU a bool
+    mask and its cast cost more than the product itself)."""
+    return torch.ge(scores, 0, out=torch.empty_like(scores)).mul_(weight)
 
-    The numbers of W * (scores >= 0).float() in one op: the mask is written as floats directly
-    (on CPU a bool mask and its cast cost more than the product itself)."""
+
+class ThresholdWeight(torch.autograd.Function):
+    """W * 1[scores >= 0], straight-through: d/dscores = grad * W (GN/NNs; paper Sec. 4.2)."""
 
     @staticmethod
     def forward(ctx, scores, weight):
         ctx.save_for_backward(weight)
-        return torch.ge(scores, 0, out=torch.empty_like(scores)).mul_(weight)
+        return threshold_weight(scores, weight)
 
     @staticmethod
     def backward(ctx, grad):
@@ -543,17 +546,58 @@ def recover(model, batches, gamma=1.5e-3, lr=500.0):
 # -------------------------------------------------------------------------- train and test
 
 
+def plain_mlp(model):
+    """The masked layers of `model` if it is masked linear layers with threshold masks and ReLU
+    between them, training its current scores of one task (nets.mlp in GN and NNs), else None."""
+    mods = list(model) if isinstance(model, nn.Sequential) else []
+    layers = mods[::2]
+    if len(mods) % 2 and all(isinstance(r, nn.ReLU) for r in mods[1::2]) and all(
+            isinstance(m, MaskedLinear) and m.density is None and m.superposed is None
+            and m.scores is not None and m.scores.dim() == 2 and m.task >= m.num_learned
+            for m in layers):
+        return layers
+    return None
+
+
+@torch.no_grad()
+def mlp_step(layers, x, y):
+    """(loss, the scores' gradients) of a plain_mlp on one batch, x [..., B, in], y [..., B],
+    with the backward written out: the ops autograd runs, in its order, so the same numbers bit
+    for bit (a test checks it), without recording a graph, about 15% faster on a LeNet step."""
+    acts, weights, y = [x.reshape(-1, x.shape[-1])], [], y.flatten()
+    for i, m in enumerate(layers):
+        weights.append(threshold_weight(m.scores, m.weight))
+        out = torch.mm(acts[-1], weights[-1].t())
+        acts.append(out.relu_() if i < len(layers) - 1 else out)
+    logp = acts[-1].log_softmax(1)
+    g = torch.zeros_like(logp)  # d mean NLL / d logp: -1/B at the labels (as nll_loss_backward)
+    g[torch.arange(len(y)), y] = -1 / torch.tensor(len(y), dtype=g.dtype)
+    g = torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
+    grads = [None] * len(layers)
+    for i in reversed(range(len(layers))):
+        grads[i] = torch.mm(g.t(), acts[i]).mul_(layers[i].weight)  # straight-through: * W
+        if i:
+            g = torch.mm(g, weights[i]).masked_fill_(acts[i] <= 0, 0)  # through the ReLU
+    return F.nll_loss(logp, y), grads
+
+
 def train_steps(model, batches, opt):
     """One optimizer step of cross-entropy per (x, y) batch; returns the mean loss.
 
     x [B, ...] and y [B] for one task, or x [P, B, ...] and y [P, B] for P tasks trained at
-    once: their losses are summed, so each task gets the gradient it would get alone."""
-    total, n = 0.0, 0
+    once: their losses are summed, so each task gets the gradient it would get alone. A plain
+    threshold MLP training one task takes mlp_step, the same numbers without autograd."""
+    total, n, layers = 0.0, 0, plain_mlp(model)
     for x, y in batches:
         tasks = y.numel() // y.shape[-1]
-        loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten()) * tasks
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if layers and tasks == 1:
+            loss, grads = mlp_step(layers, x, y)
+            for m, grad in zip(layers, grads):
+                m.scores.grad = grad
+        else:
+            loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten()) * tasks
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         total, n = total + loss.detach() / tasks, n + 1
     return float(total) / max(n, 1)

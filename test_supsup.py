@@ -158,6 +158,47 @@ def test_one_hot_superposition_equals_single_mask():
             assert torch.equal(layer(x), single)
 
 
+@pytest.mark.parametrize("model, batch, stacked", [(nets.lenet, 128, False),
+                                                   (nets.lenet, 37, True),
+                                                   (nets.fc1024, 100, False)])
+def test_written_out_mlp_step_equals_autograd_bit_for_bit(model, batch, stacked, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(batch, 784, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
+               for _ in range(12)]
+    batches = [(x[None], y[None]) for x, y in batches] if stacked else batches  # [1, B, ...]
+
+    def train(fast):
+        net = model(500, 2, seed=1)
+        opt = torch.optim.RMSprop(supsup.start_task(net, 1), lr=1e-2)
+        assert supsup.plain_mlp(net) == supsup.masked_layers(net)
+        if not fast:
+            monkeypatch.setattr(supsup, "plain_mlp", lambda net: None)  # autograd
+        loss = supsup.train_steps(net, batches, opt)
+        monkeypatch.undo()
+        return loss, [m.scores.detach() for m in supsup.masked_layers(net)]
+
+    (loss, scores), (fast_loss, fast_scores) = train(False), train(True)
+    assert loss == fast_loss and all(map(torch.equal, scores, fast_scores))
+
+
+def test_plain_mlp_only_for_training_one_threshold_task():
+    for other in (nets.lenet(100, 2, sparsity=4), nets.gemresnet18(5, 2)):  # top-k; not an MLP
+        supsup.start_task(other, 0)
+        assert supsup.plain_mlp(other) is None
+    net = nets.lenet(100, 3)
+    assert supsup.plain_mlp(net) is None  # no scores yet
+    learned_model(net, 1)
+    supsup.start_task(net, 0, 2)  # two tasks at once: stacked scores
+    assert supsup.plain_mlp(net) is None
+    supsup.start_task(net, 0)
+    assert supsup.plain_mlp(net) == supsup.masked_layers(net)
+    supsup.set_task(net, 0)  # a finished task
+    assert supsup.plain_mlp(net) is None
+    supsup.set_task(net, 1)
+    supsup.set_alphas(net, torch.tensor([1.0]))  # superposed
+    assert supsup.plain_mlp(net) is None
+
+
 def test_training_changes_neither_weights_nor_earlier_masks():
     net = learned_model(nets.lenet(100, 3), 1)
     before = [(m.weight.clone(), m.bank[0].clone()) for m in supsup.masked_layers(net)]
