@@ -563,7 +563,7 @@ def plain_mlp(model):
 def mlp_step(layers, x, y):
     """(loss, the scores' gradients) of a plain_mlp on one batch, x [..., B, in], y [..., B],
     with the backward written out: the ops autograd runs, in its order, so the same numbers bit
-    for bit (a test checks it), without recording a graph, about 15% faster on a LeNet step."""
+    for bit (a test checks it), without recording a graph: 7-16% faster on a LeNet step here."""
     acts, weights, y = [x.reshape(-1, x.shape[-1])], [], y.flatten()
     for i, m in enumerate(layers):
         weights.append(threshold_weight(m.scores, m.weight))
@@ -571,7 +571,8 @@ def mlp_step(layers, x, y):
         acts.append(out.relu_() if i < len(layers) - 1 else out)
     logp = acts[-1].log_softmax(1)
     g = torch.zeros_like(logp)  # d mean NLL / d logp: -1/B at the labels (as nll_loss_backward)
-    g[torch.arange(len(y)), y] = -1 / torch.tensor(len(y), dtype=g.dtype)
+    g[torch.arange(len(y), device=y.device), y] = -1 / torch.tensor(len(y), dtype=g.dtype,
+                                                                   device=g.device)
     g = torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
     grads = [None] * len(layers)
     for i in reversed(range(len(layers))):

@@ -158,14 +158,14 @@ def test_one_hot_superposition_equals_single_mask():
             assert torch.equal(layer(x), single)
 
 
-@pytest.mark.parametrize("model, batch, stacked", [(nets.lenet, 128, False),
-                                                   (nets.lenet, 37, True),
-                                                   (nets.fc1024, 100, False)])
-def test_written_out_mlp_step_equals_autograd_bit_for_bit(model, batch, stacked, monkeypatch):
+@pytest.mark.parametrize("model, batch, task_dim", [(nets.lenet, 128, False),
+                                                    (nets.lenet, 37, True),
+                                                    (nets.fc1024, 100, False)])
+def test_written_out_mlp_step_equals_autograd_bit_for_bit(model, batch, task_dim, monkeypatch):
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(batch, 784, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
-               for _ in range(12)]
-    batches = [(x[None], y[None]) for x, y in batches] if stacked else batches  # [1, B, ...]
+    xs, ys = torch.randn(12, batch, 784, generator=gen), torch.randint(0, 10, (12, batch),
+                                                                        generator=gen)
+    batches = list(zip(xs[:, None], ys[:, None]) if task_dim else zip(xs, ys))  # [1, B, ...]
 
     def train(fast):
         net = model(500, 2, seed=1)
