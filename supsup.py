@@ -570,9 +570,7 @@ def mlp_step(layers, x, y):
         out = torch.mm(acts[-1], weights[-1].t())
         acts.append(out.relu_() if i < len(layers) - 1 else out)
     logp = acts[-1].log_softmax(1)
-    g = torch.zeros_like(logp)  # d mean NLL / d logp: -1/B at the labels (as nll_loss_backward)
-    g[torch.arange(len(y), device=y.device), y] = -1 / torch.tensor(len(y), dtype=g.dtype,
-                                                                   device=g.device)
+    g = torch.zeros_like(logp).scatter_(1, y[:, None], -1 / len(y))  # d mean NLL / d logp
     g = torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
     grads = [None] * len(layers)
     for i in reversed(range(len(layers))):
