@@ -1,23 +1,29 @@
 """Task data: PermutedMNIST, RotatedMNIST, SplitMNIST and SplitCIFAR100 as tensors on the run's
 device, SplitImageNet as DataLoaders.
 
-The whole data set is read once from its idx files and kept as one normalized float tensor.
-A task is a pixel map: output pixel j of task t is input column map[j]. PermutedMNIST's map is a
-permutation; RotatedMNIST's map is a nearest-neighbour rotation whose off-image pixels read an
-extra column holding the normalized value of black. Batches are index gathers: no per-sample
-transforms, no DataLoader. Every random draw comes from a generator keyed by (seed, task).
-Split data sets are class partitions of one data set, relabelled 0..c-1 within each task;
-CIFAR's augmentation (random crop with padding 4, horizontal flip) runs on whole batches.
-SplitImageNet, the one data set that does not fit in memory, is the exception: its ImageFolder
-files are decoded with Pillow and augmented per image in DataLoader workers.
+MNIST and CIFAR-100 are fetched by torchvision into --data when missing, then read once into
+one normalized float tensor each. A GN task is a pixel map: output pixel j of task t is input
+column map[j]. PermutedMNIST's map is a permutation; RotatedMNIST's is torchvision's rotation of
+an image of pixel indices, whose off-image pixels read an extra column holding the normalized
+value of black. Batches are index gathers: no per-sample transforms, no DataLoader. Every
+random draw comes from a generator keyed by (seed, task). Split data sets are class partitions
+of one data set, relabelled 0..c-1 within each task; CIFAR's augmentation (random crop with
+padding 4, horizontal flip) runs on whole batches. SplitImageNet, the one data set that does not
+fit in memory, is the exception: torchvision's ImageFolder and the standard ImageNet transforms
+in DataLoader workers, uint8 batches normalized on the device.
 """
 import gzip
+import io
 import math
 import os
 import pickle
+import tarfile
 
 import numpy as np
 import torch
+from torchvision import datasets
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
 
 from supsup import UserError
 
@@ -30,8 +36,21 @@ FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 SIDE = 28
 
 
+def download(name, root, fetch, fix):
+    """fetch() a data set into root with torchvision (mirrors, checksums, unpacking); a failure
+    is one line naming the data set, the folder and what to do."""
+    try:
+        fetch()
+    except Exception as e:  # no network, a bad checksum, a folder we cannot write
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{name} is not in {root} and downloading it failed ({reason}); "
+                        f"{fix}") from None
+
+
 def read_idx(path):
-    """Read one idx file (gzip or raw) into a numpy array, checking its header and size."""
+    """Read one idx file (gzip or raw) into a numpy array, checking its header and size.
+    torchvision's own reader takes only unpacked files in its MNIST/raw layout; this one also
+    reads a flat folder of the .gz files as MNIST ships them."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -62,27 +81,13 @@ def find_mnist(root):
     return None
 
 
-def download(root, fetch, missing, fix):
-    """Fetch a data set into root with torchvision, imported only here (the rest never needs
-    it): fetch(torchvision.datasets) downloads; missing says what is absent, fix what to do."""
-    try:
-        from torchvision import datasets
-    except Exception as e:  # not installed, or built for another torch
-        raise UserError(f"{missing} and torchvision cannot download it "
-                        f"({str(e).splitlines()[0]}); {fix}") from None
-    try:
-        fetch(datasets)
-    except Exception as e:
-        raise UserError(f"downloading into {root} failed ({e}); {fix}") from None
-
-
 def load_mnist(root, device):
     """-> (train_x, train_y, test_x, test_y); x: [n, 785] normalized pixels + the fill column."""
     paths = find_mnist(root)
     if paths is None:
-        download(root, lambda datasets: datasets.MNIST(root, download=True),
-                 f"MNIST is not in {root} (expected {', '.join(FILES)}, gzipped or not)",
-                 "put the four files there or pass --data DIR")
+        download("MNIST", root, lambda: datasets.MNIST(root, download=True),
+                 f"put its four idx files ({', '.join(FILES)}, gzipped or not) there, or pass "
+                 "--data DIR")
         paths = find_mnist(root)
     arrays = [read_idx(p) for p in paths]
     for x, y, p in ((arrays[0], arrays[1], paths[0]), (arrays[2], arrays[3], paths[2])):
@@ -102,15 +107,14 @@ def permutation(seed, t):
 
 
 def rotation(seed, t, degrees=10):
-    """RotatedMNIST task t: rotate counter-clockwise by 10*t degrees about the image centre,
-    nearest neighbour, no expansion; pixels from outside the image are black (index 784)."""
-    a, c = math.radians(degrees * t), (SIDE - 1) / 2
-    cos, sin = round(math.cos(a), 15), round(math.sin(a), 15)
-    i, j = np.meshgrid(np.arange(SIDE) - c, np.arange(SIDE) - c, indexing="ij")  # row, column
-    src_j = np.floor(cos * j - sin * i + c + 0.5).astype(int)  # the inverse rotation, rounded
-    src_i = np.floor(sin * j + cos * i + c + 0.5).astype(int)
-    inside = (src_i >= 0) & (src_i < SIDE) & (src_j >= 0) & (src_j < SIDE)
-    return torch.from_numpy(np.where(inside, src_i * SIDE + src_j, SIDE * SIDE).reshape(-1))
+    """RotatedMNIST task t: where each pixel comes from when torchvision rotates the image by
+    10 t degrees (counter-clockwise about the centre, nearest neighbour, no expansion), read off
+    by rotating an image of pixel indices; pixels from outside the image read index 784, black.
+    These are the pixels the original gets from torchvision's rotation of MNIST's PIL images
+    (a test checks all 36 angles against PIL)."""
+    index = torch.arange(SIDE * SIDE, dtype=torch.float32).view(1, SIDE, SIDE)
+    rotated = TF.rotate(index, degrees * t, InterpolationMode.NEAREST, fill=SIDE * SIDE)
+    return rotated.flatten().long()
 
 
 TASKS = {"permuted": permutation, "rotated": rotation}
@@ -134,21 +138,22 @@ def test_order(n, seed, t, device):
 
 def load_cifar100(root, device):
     """-> (train_x, train_y, test_x, test_y) of CIFAR-100 from the python pickles in
-    root/cifar-100-python; x: [n, 3, 32, 32] normalized, y: the 100 fine labels."""
+    root/cifar-100-python; x: [n, 3, 32, 32] normalized, y: the 100 fine labels. (torchvision's
+    CIFAR100 fetches them; its reader would refuse any file but the published one, and the
+    synthetic stand-ins below are not.)"""
     folder = os.path.join(root, "cifar-100-python")
     if not all(os.path.isfile(os.path.join(folder, s)) for s in ("train", "test")):
-        download(root, lambda datasets: datasets.CIFAR100(root, download=True),
-                 f"CIFAR-100 is not in {folder} (expected its python version's train and test "
-                 "files)", f"unpack cifar-100-python.tar.gz into {root} or pass --data DIR")
+        download("CIFAR-100", root, lambda: datasets.CIFAR100(root, download=True),
+                 f"unpack cifar-100-python.tar.gz into {root}, or pass --data DIR")
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (CIFAR_MEAN, CIFAR_STD))
     out = []
     for split in ("train", "test"):
         path = os.path.join(folder, split)
         try:
             with open(path, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            x = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32)
-            y = np.asarray(d[b"fine_labels"], np.int64)
+                d = pickle.load(f, encoding="latin1")  # Python 2 pickles, as torchvision reads them
+            x = np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(d["fine_labels"], np.int64)
             if len(y) != len(x) or y.min() < 0 or y.max() > 99:
                 raise ValueError("labels do not match the images")
         except Exception as e:  # unreadable, not a pickle, or not CIFAR-100's dict
@@ -205,145 +210,62 @@ def crop_flip(x, generator, pad=4, fill=None):
 # ------------------------------------------------------------------------------ SplitImageNet
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def image_folder(root):
-    """-> (classes, samples) of an ImageFolder split, in torchvision's order: classes are the
-    sorted subfolders of root, samples (path, class index) every image file under each class
-    folder, walked recursively in sorted order."""
-    if not os.path.isdir(root):
-        raise UserError(f"{root} is not an ImageFolder split (expected ROOT/CLASS/IMAGE files); "
-                        "pass --data DIR holding train/ and val/")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    samples, empty = [], []
-    for index, name in enumerate(classes):
-        n = len(samples)
-        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            samples += [(os.path.join(folder, f), index) for f in sorted(files)
-                        if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if len(samples) == n:
-            empty.append(name)
-    if not samples:
-        raise UserError(f"{root} holds no class folder with images (expected ROOT/CLASS/IMAGE "
-                        "files); pass --data DIR holding train/ and val/")
-    if empty:
-        raise UserError(f"class folders without images in {root}: {', '.join(empty[:5])}"
-                        f"{' ...' if len(empty) > 5 else ''}; add their images or remove them")
-    return classes, samples
+class ImageFolder(datasets.ImageFolder):
+    """One split of an ImageFolder tree (a folder of images per class) as uint8 images through
+    the standard ImageNet recipe the paper trained with: RandomResizedCrop + horizontal flip in
+    training; Resize(size * 256 / 224) + CenterCrop(size) in evaluation.
 
+    An image that does not decode comes back as zeros with label -1 - its index, instead of an
+    error inside a DataLoader worker: normalized_batches names it in one line."""
 
-def pil_image():
-    """Pillow's Image module, imported only when an image is decoded."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise UserError("SplitImageNet decodes images with Pillow, which is not installed; "
-                        "pip install pillow") from None
-    return Image
-
-
-def open_rgb(path):
-    """The image file at path as an RGB PIL image, read as torchvision's loader reads it."""
-    Image = pil_image()
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as e:  # unreadable, truncated, or not an image
-        reason = (str(e).splitlines() or [""])[0]
-        raise UserError(f"cannot decode the image {path} ({type(e).__name__}: {reason}); "
-                        "delete or replace it") from None
-
-
-def random_resized_crop(width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (left, top, w, h), drawn as torchvision draws it from torch's
-    global RNG: 10 tries of a random area and log-uniform aspect ratio, else a central crop."""
-    area, log_ratio = width * height, torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = torch.randint(0, height - h + 1, size=(1,)).item()
-            left = torch.randint(0, width - w + 1, size=(1,)).item()
-            return left, top, w, h
-    w, h = width, height  # the fallback: the whole image, clamped to the ratio range
-    if width / height < min(ratio):
-        h = int(round(w / min(ratio)))
-    elif width / height > max(ratio):
-        w = int(round(h * max(ratio)))
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-class TaskImages(torch.utils.data.Dataset):
-    """The images of one task's classes in one split, labelled by position in `classes`
-    (0..c-1). Train: RandomResizedCrop(size) + horizontal flip; test: Resize(size * 256 / 224)
-    + CenterCrop(size); both as torchvision does them on PIL images, then normalized."""
-
-    def __init__(self, samples, classes, train, size=224):
-        label = {int(c): i for i, c in enumerate(classes)}
-        self.samples = [(p, label[c]) for p, c in samples if c in label]
-        found = {c for _, c in samples}
-        missing = [c for c in label if c not in found]
-        if missing:
-            raise UserError(f"classes {missing[:5]} of the task have no images (the split has "
-                            f"{max(found) + 1} classes); pass --data DIR with all classes")
-        self.train, self.size = train, size
-        self.mean, self.std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN,
-                                                                        IMAGENET_STD))
-
-    def __len__(self):
-        return len(self.samples)
+    def __init__(self, root, train, size=224):
+        if train:
+            steps = [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()]
+        else:
+            steps = [v2.Resize(round(size * 256 / 224)), v2.CenterCrop(size)]
+        try:
+            super().__init__(root, v2.Compose(steps + [v2.PILToTensor()]))
+        except OSError as e:  # no such folder, no class folder, a class folder without images
+            raise UserError(f"{root} is not an ImageFolder split ({e}); pass --data DIR holding "
+                            "train/ and val/, each with one folder of images per class") from None
+        self.size = size
 
     def __getitem__(self, i):
-        path, label = self.samples[i]
-        img, size, Image = open_rgb(path), self.size, pil_image()
-        if self.train:
-            left, top, w, h = random_resized_crop(*img.size)
-            img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
-            if torch.rand(1) < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        else:
-            W, H, short = *img.size, round(size * 256 / 224)
-            new = (short, int(short * H / W)) if W <= H else (int(short * W / H), short)
-            if new != (W, H):
-                img = img.resize(new, Image.BILINEAR)
-            top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
-            img = img.crop((left, top, left + size, top + size))
-        x = torch.from_numpy(np.asarray(img, np.uint8).transpose(2, 0, 1).copy()).float() / 255
-        return (x - self.mean) / self.std, label
+        try:
+            return super().__getitem__(i)
+        except Exception:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1 - i
 
 
-class TaskLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose workers' UserErrors come back as their own one line (the DataLoader
-    wraps them in the worker's traceback)."""
+def task_loader(images, classes, train, batch_size, workers, generator=None, device="cpu"):
+    """A DataLoader over the images of the given classes, shuffled when training (`generator`
+    seeds the order and the workers' augmentation; with workers=0 the augmentation draws from
+    this process's global RNG). Training loaders keep their workers from epoch to epoch."""
+    keep = torch.isin(torch.tensor(images.targets), classes).nonzero().flatten().tolist()
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(images, keep), batch_size=batch_size, shuffle=train,
+        num_workers=workers, persistent_workers=train and workers > 0, generator=generator,
+        pin_memory=torch.device(device).type == "cuda")
 
-    def __iter__(self):
-        batches, message = super().__iter__(), None
-        while message is None:
+
+def normalized_batches(loader, device):
+    """A task_loader's uint8 batches as normalized floats on the device, with the class labels;
+    an image that did not decode stops the run with one line naming it."""
+    mean, std = (torch.tensor(v, device=device).view(3, 1, 1) for v in (IMAGENET_MEAN,
+                                                                         IMAGENET_STD))
+    for x, y in loader:
+        if y.min() < 0:
+            path = loader.dataset.dataset.samples[-1 - int(y.min())][0]
             try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except UserError as e:
-                lines = str(e).strip().splitlines()
-                message = lines[-1].partition(": ")[2] if len(lines) > 1 else lines[0]
-                e.__traceback__ = None  # its frames hold it and the workers: free both now
-            else:
-                yield batch
-        del batches  # stops the workers now, not when the error's traceback is freed
-        raise UserError(message)
-
-
-def task_loader(samples, classes, train, batch_size, workers, generator=None, size=224):
-    """Batches (x [B, 3, size, size], y [B]) of one task's classes among the samples of a
-    split (image_folder's, scanned once per run), shuffled when training; `generator` seeds
-    the shuffle and the workers' augmentation (with workers=0 the augmentation draws from
-    this process's global RNG)."""
-    return TaskLoader(TaskImages(samples, classes, train, size),
-                      batch_size=batch_size, shuffle=train, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=False,
-                      persistent_workers=False, generator=generator)
+                datasets.folder.default_loader(path)
+                reason = "it did not go through the transforms"
+            except Exception as e:  # decoded again here, for the reason
+                reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            raise UserError(f"cannot decode the image {path} ({reason}); delete or replace it")
+        x = x.to(device, non_blocking=True).float().div_(255)
+        yield (x - mean) / std, y.to(device, non_blocking=True)
 
 
 def imagenet_split(num_classes=1000, per_task=10):
@@ -355,29 +277,65 @@ def imagenet_split(num_classes=1000, per_task=10):
 # -------------------------------------------------------------------- synthetic stand-ins
 
 
-def synthetic_cifar100(root, per_class=(6, 2), seed=0):
-    """CIFAR-100's python pickles (root/cifar-100-python/train and test) holding random
-    images, per_class of each class: the real format, for tests and quick runs."""
+def synthetic_cifar100(root, per_class=(6, 2), seed=0, archive=False):
+    """CIFAR-100's python pickles (root/cifar-100-python/train, test and meta) holding random
+    images, per_class of each class: the real format, for tests and quick runs. With archive,
+    root/cifar-100-python.tar.gz instead, as it is published."""
     rng = np.random.default_rng(seed)
-    folder = os.path.join(root, "cifar-100-python")
-    os.makedirs(folder, exist_ok=True)
+    files = {"meta": {"fine_label_names": [f"class{i}" for i in range(100)]}}
     for split, n in zip(("train", "test"), per_class):
         labels = np.repeat(np.arange(100), n)
-        d = {b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
-             b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()}
-        with open(os.path.join(folder, split), "wb") as f:
-            pickle.dump(d, f)
+        files[split] = {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
+                        "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist()}
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(root if archive else folder, exist_ok=True)
+    if not archive:
+        for name, d in files.items():
+            with open(os.path.join(folder, name), "wb") as f:
+                pickle.dump(d, f)
+        return root
+    with tarfile.open(os.path.join(root, "cifar-100-python.tar.gz"), "w:gz") as tar:
+        for name, d in files.items():
+            raw = pickle.dumps(d)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
     return root
 
 
 def synthetic_imagefolder(root, classes=20, per_class=2, seed=0):
-    """root/train and root/val ImageFolder trees of random 40x50 JPEGs (needs Pillow)."""
-    Image, rng = pil_image(), np.random.default_rng(seed)
+    """root/train and root/val ImageFolder trees of random 40x50 JPEGs."""
+    rng = np.random.default_rng(seed)
     for split in ("train", "val"):
         for k in range(classes):
             folder = os.path.join(root, split, f"n{k:08d}")
             os.makedirs(folder, exist_ok=True)
             for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
-                    os.path.join(folder, f"{i}.JPEG"))
+                image = torch.from_numpy(rng.integers(0, 256, (3, 40, 50), dtype=np.uint8))
+                TF.to_pil_image(image).save(os.path.join(folder, f"{i}.JPEG"))
     return root
+
+
+# ----------------------------------------------------------------------- fetching, once
+
+
+FETCH = {"mnist": load_mnist, "cifar100": load_cifar100}
+
+
+def main(argv=None):
+    """python data.py mnist cifar100 --data DIR: download what is missing and check that it
+    reads, once, before runs that share the folder start (run_all.sh does)."""
+    import supsup
+    p = supsup.Parser(description="Fetch data sets into --data if missing, and check them.")
+    p.add_argument("datasets", nargs="+", choices=sorted(FETCH), help="data sets to fetch")
+    p.add_argument("--data", default="data", help="data folder")
+
+    def fetch(args):
+        for name in args.datasets:
+            FETCH[name](args.data, "cpu")
+            print(f"{name}: ready in {args.data}", flush=True)
+    return supsup.run_or_exit(fetch, p.parse_args(argv), "data.py")
+
+
+if __name__ == "__main__":
+    main()

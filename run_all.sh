@@ -6,14 +6,15 @@
 #   QUICK=1 bash run_all.sh                 # few tasks and steps: every figure, in minutes
 #   DRY_RUN=1 bash run_all.sh               # print the lanes and their commands, run nothing
 #   LIST=1 bash run_all.sh | parallel -j 4  # one command per line (GNU parallel, Slurm arrays)
+#   ONLY=fig3 bash run_all.sh               # only the runs whose name matches (grep -E)
 #   python plot.py runs --out figures       # then the figures and the table
 #
-# Knobs: GPUS (comma list; empty: one CPU lane), SEEDS (default 0 1 2 3 4; QUICK: 1 2), DATA (MNIST and
-# CIFAR-100 are read or downloaded there; default data), IMAGENET (an ImageFolder tree with
-# train/ and val/; default $DATA/imagenet), OUT (default runs). Every run writes OUT/NAME/ with
-# its own log.txt; a finished run is skipped, an interrupted one resumes (the scripts resume
-# from their checkpoints). The script waits for every lane and exits 1 naming the runs that
-# failed.
+# Knobs: GPUS (comma list; empty: one CPU lane), SEEDS (default 0 1 2 3 4; QUICK: 1 2), DATA
+# (MNIST and CIFAR-100 are read there, downloaded once before the lanes start if missing;
+# default data), IMAGENET (an ImageFolder tree with train/ and val/; default $DATA/imagenet),
+# OUT (default runs), ONLY (a pattern over run names). Every run writes OUT/NAME/ with its own
+# log.txt; a finished run is skipped, an interrupted one resumes (the scripts resume from their
+# checkpoints). The script waits for every lane and exits 1 naming the runs that failed.
 set -u
 cd "$(dirname "$0")"
 GPUS=${GPUS-}
@@ -25,6 +26,7 @@ IMAGENET=${IMAGENET:-$DATA/imagenet}
 OUT=${OUT:-runs}
 DRY_RUN=${DRY_RUN:-0}
 LIST=${LIST:-0}
+ONLY=${ONLY:-}
 
 CIFAR=$DATA
 GG="" IN="" GN="" GN2500="" NNS="" ROT="" HOP=""
@@ -113,16 +115,31 @@ runs() {
     done
 }
 
-mapfile -t LINES < <(runs)
+mapfile -t LINES < <(runs | awk -F '\t' -v only="$ONLY" '$1 ~ only')
+if [ ${#LINES[@]} -eq 0 ]; then
+    echo "no run's name matches ONLY=$ONLY (the names: the --out folders of LIST=1 bash run_all.sh)" >&2
+    exit 1
+fi
 if [ "$LIST" = 1 ]; then
     for line in "${LINES[@]}"; do printf '%s\n' "${line#*$'\t'}"; done
     exit 0
 fi
 IFS=, read -r -a LANES <<< "$GPUS"
 [ ${#LANES[@]} -eq 0 ] && LANES=(cpu)
-if [ "$QUICK" = 1 ] && [ "$DRY_RUN" != 1 ]; then
-    python -c "import data, sys; data.synthetic_cifar100(sys.argv[1]); \
+if [ "$DRY_RUN" != 1 ]; then
+    if [ "$QUICK" = 1 ]; then
+        python -c "import data, sys; data.synthetic_cifar100(sys.argv[1]); \
 data.synthetic_imagefolder(sys.argv[2])" "$CIFAR" "$IMAGENET" || exit 1
+    fi
+    # download what the runs need once, here, so that lanes never download into one folder
+    # at once (SplitImageNet cannot be downloaded: it must be in IMAGENET already)
+    names=$(printf '%s\n' "${LINES[@]}" | cut -f1)
+    if grep -qv -e splitcifar100 -e splitimagenet <<< "$names"; then
+        python data.py mnist --data "$DATA" || exit 1
+    fi
+    if [ "$QUICK" != 1 ] && grep -q splitcifar100 <<< "$names"; then
+        python data.py cifar100 --data "$CIFAR" || exit 1
+    fi
 fi
 
 lane() {  # INDEX: every run i with i % lanes == INDEX, one after another

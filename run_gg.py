@@ -213,26 +213,34 @@ class FolderTasks:
     with fewer classes (a subset, for a quick run) gives tasks of 10 of them."""
 
     def __init__(self, args, device):
-        self.args, self.device, self.samples, n = args, device, {}, []
-        for folder in ("train", "val"):  # scanned once: ImageNet's train/ has 1.28M files
-            classes, self.samples[folder] = data.image_folder(os.path.join(args.data, folder))
-            n.append(len(classes))
+        self.args, self.device = args, device
+        self.images = {folder: data.ImageFolder(os.path.join(args.data, folder), folder == "train")
+                       for folder in ("train", "val")}  # scanned once: train/ has 1.28M files
+        n = [len(images.classes) for images in self.images.values()]
         if n[0] != n[1] or n[0] < 10 * args.tasks:
             raise supsup.UserError(f"{args.data} has {n[0]} train and {n[1]} val classes; "
                                    f"{args.tasks} tasks need 10 each in both (ImageNet: 1000)")
         self.split = data.imagenet_split(n[0] // 10 * 10)
+        self.position = torch.zeros(n[0], dtype=torch.long, device=device)  # label in its task
+        self.position[self.split.flatten()] = torch.arange(10).repeat(len(self.split)).to(device)
+        self.loader = (None, None)  # (task, its training loader, whose workers live on)
 
-    def batches(self, t, folder, train, generator=None):
-        loader = data.task_loader(self.samples[folder], self.split[t], train,
-                                  self.args.batch_size, self.args.workers, generator)
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+    def batches(self, loader):
+        for x, y in data.normalized_batches(loader, self.device):
+            yield x, self.position[y]
+
+    def loader_of(self, t, folder, generator=None):
+        return data.task_loader(self.images[folder], self.split[t], folder == "train",
+                                self.args.batch_size, self.args.workers, generator, self.device)
 
     def train_batches(self, t, epoch):
-        return self.batches(t, "train", True, supsup.task_generator(self.args.seed, t, 5, epoch))
+        if self.loader[0] != t:  # one loader a task: its order and draws go on across epochs
+            generator = supsup.task_generator(self.args.seed, t, 5)
+            self.loader = (t, self.loader_of(t, "train", generator))
+        return self.batches(self.loader[1])
 
     def test_batches(self, t):
-        return self.batches(t, "val", False)
+        return self.batches(self.loader_of(t, "val"))
 
 
 # ---------------------------------------------------------------------------- train, test
