@@ -25,7 +25,7 @@ from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from supsup import UserError
+from supsup import Parser, UserError, run_or_exit
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics (the original's Normalize)
 # SplitCIFAR100 is normalized with CIFAR-10's channel statistics, as the original does: the
@@ -325,8 +325,7 @@ FETCH = {"mnist": load_mnist, "cifar100": load_cifar100}
 def main(argv=None):
     """python data.py mnist cifar100 --data DIR: download what is missing and check that it
     reads, once, before runs that share the folder start (run_all.sh does)."""
-    import supsup
-    p = supsup.Parser(description="Fetch data sets into --data if missing, and check them.")
+    p = Parser(description="Fetch data sets into --data if missing, and check that they read.")
     p.add_argument("datasets", nargs="+", choices=sorted(FETCH), help="data sets to fetch")
     p.add_argument("--data", default="data", help="data folder")
 
@@ -334,7 +333,7 @@ def main(argv=None):
         for name in args.datasets:
             FETCH[name](args.data, "cpu")
             print(f"{name}: ready in {args.data}", flush=True)
-    return supsup.run_or_exit(fetch, p.parse_args(argv), "data.py")
+    return run_or_exit(fetch, p.parse_args(argv), "data.py")
 
 
 if __name__ == "__main__":

@@ -378,7 +378,7 @@ def test_idx_reader_gzip_raw_and_layouts(tmp_path):
     assert torch.allclose(tx[:, 784], torch.tensor(-data.MEAN / data.STD))
 
 
-def test_mnist_downloads_into_an_empty_data_folder(tmp_path, monkeypatch, mirror):
+def test_mnist_downloads_into_an_empty_data_folder(tmp_path, monkeypatch, capsys, mirror):
     write_fake_mnist(str(mirror))  # the four .gz files, served from 127.0.0.1
     monkeypatch.setattr(datasets.MNIST, "resources",
                         [(f + ".gz", md5(mirror / (f + ".gz"))) for f in data.FILES])
@@ -392,6 +392,13 @@ def test_mnist_downloads_into_an_empty_data_folder(tmp_path, monkeypatch, mirror
     assert len(rows) == 2 + 3 and all(0 <= r["acc"] <= 1 for r in rows)
     flat = data.load_mnist(str(mirror), "cpu")  # the flat folder of .gz files reads the same
     assert all(torch.equal(a, b) for a, b in zip(flat, data.load_mnist(str(empty), "cpu")))
+    capsys.readouterr()
+    data.main(["mnist", "--data", str(empty)])  # run_all.sh's fetch step: already there
+    assert capsys.readouterr().out == f"mnist: ready in {empty}\n"
+    with pytest.raises(SystemExit) as e:  # the mirror has no CIFAR-100: one line, exit 1
+        data.main(["cifar100", "--data", str(empty)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "CIFAR-100 is not in" in err
 
 
 def test_cifar100_downloads_into_an_empty_data_folder(tmp_path, monkeypatch, mirror):
@@ -1193,6 +1200,9 @@ def test_run_all_lists_every_figure_with_valid_flags():
             module = scripts[argv[1]]
             p = module.get_parser()
             module.resolve(p.parse_args(argv[2:]), p)
+    only = run_all(LIST="1", SEEDS="1", ONLY="lenet-(batche|psp)")
+    assert [line.split("/")[-1] for line in only] == ["fig3-permuted-lenet-batche-seed1",
+                                                      "fig3-permuted-lenet-psp-seed1"]
     lanes = run_all(DRY_RUN="1", GPUS="0,1,2,3", SEEDS="1")
     assert {line.split("]")[0] for line in lanes} == {"[lane 0", "[lane 1", "[lane 2", "[lane 3"}
 
