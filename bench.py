@@ -15,6 +15,7 @@ import time
 
 import torch
 
+import harness
 import run_gn
 import supsup
 from nets import NETS
@@ -27,11 +28,11 @@ def seconds(fn, device, reps, warmup=1):
     best = math.inf
     for _ in range(reps):
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         t = time.perf_counter()
         fn()
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -105,23 +106,23 @@ def bench(device, parallel):
 
 
 def main(argv=None):
-    p = supsup.Parser(description="Speed and memory of SupSup on this machine.")
+    p = harness.Parser(description="Speed and memory of SupSup on this machine.")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--device", action="append", default=None,
                    help="device to measure, repeatable (default: cpu, and cuda when available)")
-    p.add_argument("--parallel", type=supsup.positive_int, default=None,
+    p.add_argument("--parallel", type=harness.positive_int, default=None,
                    help="tasks trained at once for lenet_parallel_speedup (default: 4 on CPU, "
                         "25 on CUDA)")
     args = p.parse_args(argv)
-    supsup.keep_freed_memory()
+    harness.keep_freed_memory()
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = []
     for name in devices:
         try:
-            device = supsup.get_device(name)
-        except supsup.UserError as e:
+            device = harness.get_device(name)
+        except harness.UserError as e:
             p.error(str(e))
-        label = supsup.device_name(device)
+        label = harness.device_name(device)
         parallel = args.parallel or (4 if device.type == "cpu" else 25)
         for metric, value, unit in bench(device, parallel):
             results.append(dict(name=metric, value=round(value, 4), unit=unit, device=label))

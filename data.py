@@ -25,7 +25,7 @@ from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from supsup import Parser, UserError, run_or_exit
+from harness import Parser, UserError, run_or_exit
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics (the original's Normalize)
 # SplitCIFAR100 is normalized with CIFAR-10's channel statistics, as the original does: the
@@ -90,9 +90,12 @@ def load_mnist(root, device):
                  "--data DIR")
         paths = find_mnist(root)
     arrays = [read_idx(p) for p in paths]
-    for x, y, p in ((arrays[0], arrays[1], paths[0]), (arrays[2], arrays[3], paths[2])):
-        if x.ndim != 3 or x.shape[1:] != (SIDE, SIDE) or y.shape != x.shape[:1]:
-            raise UserError(f"{p} and its labels do not hold matching 28x28 images")
+    for x, y, p, q in ((*arrays[:2], *paths[:2]), (*arrays[2:], *paths[2:])):
+        if x.ndim != 3 or x.shape[1:] != (SIDE, SIDE) or y.shape != x.shape[:1] or not len(x):
+            raise UserError(f"{p} and {q} do not hold matching 28x28 images and labels; "
+                            "delete them and download them again")
+        if y.max() > 9:
+            raise UserError(f"{q} holds labels outside 0..9; delete it and download it again")
     out = []
     for x, y in ((arrays[0], arrays[1]), (arrays[2], arrays[3])):
         x = (torch.from_numpy(x.reshape(len(x), -1)).float() / 255 - MEAN) / STD
@@ -188,18 +191,25 @@ def task_subset(x, y, classes):
     return x[keep], relabel[y[keep]]
 
 
-def crop_flip(x, generator, pad=4, fill=None):
+def crop_flip_draws(n, generator, device, pad=4):
+    """RandomCrop's offsets (top, left) and RandomHorizontalFlip's coin for n images, drawn
+    from the CPU generator at once and copied to the device once (an epoch's worth: no copy,
+    and no wait for one, per batch)."""
+    top, left = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return top.to(device), left.to(device), flip.to(device)
+
+
+def crop_flip(x, top, left, flip, pad=4, fill=None):
     """RandomCrop(size, padding=pad) + RandomHorizontalFlip for every image of x [B, C, H, W]
-    at once. The padding is `fill` per channel (default: the normalized value of black, what
-    padding the raw image gives), offsets and flips drawn from the CPU generator."""
+    at once, with the offsets and coins of crop_flip_draws. The padding is `fill` per channel
+    (default: the normalized value of black, what padding the raw image gives)."""
     B, C, H, W = x.shape
     if fill is None:
         fill = [-m / s for m, s in zip(CIFAR_MEAN, CIFAR_STD)]
     padded = torch.tensor(fill, device=x.device).view(1, C, 1, 1).repeat(B, 1, H + 2 * pad,
                                                                          W + 2 * pad)
     padded[:, :, pad:pad + H, pad:pad + W] = x
-    top, left = (torch.randint(0, 2 * pad + 1, (2, B), generator=generator)).to(x.device)
-    flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)
     cols = torch.arange(W, device=x.device)
     cols = left[:, None] + torch.where(flip[:, None], W - 1 - cols, cols)  # [B, W]
     rows = top[:, None] + torch.arange(H, device=x.device)  # [B, H]

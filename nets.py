@@ -185,12 +185,23 @@ def mlp(widths, output_size, num_tasks, seed, sparsity=None, layers=None):
     return nn.Sequential(*[m for fc in fcs[:-1] for m in (fc, nn.ReLU())], fcs[-1])
 
 
+WIDTHS = {"lenet": [784, 300, 100], "fc1024": [784, 1024, 1024]}  # input and hidden layers
+
+
 def lenet(output_size=100, num_tasks=1, seed=1, sparsity=None, layers=None):
-    return mlp([784, 300, 100], output_size, num_tasks, seed, sparsity, layers)
+    return mlp(WIDTHS["lenet"], output_size, num_tasks, seed, sparsity, layers)
 
 
 def fc1024(output_size=500, num_tasks=1, seed=1, sparsity=None, layers=None):
-    return mlp([784, 1024, 1024], output_size, num_tasks, seed, sparsity, layers)
+    return mlp(WIDTHS["fc1024"], output_size, num_tasks, seed, sparsity, layers)
+
+
+def mlp_weights(name, output_size):
+    """(weights, units): how many weights the MLP `name` has, and how many layer inputs and
+    outputs, without building it (to check a run fits in memory before allocating it)."""
+    widths = WIDTHS[name] + [output_size]
+    return (sum(a * b for a, b in zip(widths, widths[1:])),
+            sum(a + b for a, b in zip(widths, widths[1:])))
 
 
 def shortcut(layers, c_in, c_out, stride):
@@ -209,9 +220,9 @@ class BasicBlock(nn.Module):
         self.conv2, self.bn2 = layers.conv(c_out, c_out, 3), layers.norm(c_out)
         self.shortcut = shortcut(layers, c_in, c_out, stride)
 
-    def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + self.shortcut(x))
+    def forward(self, x):  # in-place ReLUs: BatchNorm and the sum do not need their outputs
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True)))
+        return F.relu(out + self.shortcut(x), inplace=True)
 
 
 class Bottleneck(nn.Module):
@@ -225,10 +236,10 @@ class Bottleneck(nn.Module):
         self.conv3, self.bn3 = layers.conv(width, 4 * width, 1), layers.norm(4 * width)
         self.shortcut = shortcut(layers, c_in, 4 * width, stride)
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
-        return F.relu(out + self.shortcut(x))
+    def forward(self, x):  # in-place ReLUs, as in GEMResNet18
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)), inplace=True)))
+        return F.relu(out + self.shortcut(x), inplace=True)
 
 
 class GEMResNet18(nn.Module):
@@ -238,7 +249,8 @@ class GEMResNet18(nn.Module):
 
     def __init__(self, output_size, layers, in_channels=3, nf=20):
         super().__init__()
-        self.stem = nn.Sequential(layers.conv(in_channels, nf, 3), layers.norm(nf), nn.ReLU())
+        self.stem = nn.Sequential(layers.conv(in_channels, nf, 3), layers.norm(nf),
+                                  nn.ReLU(inplace=True))
         blocks, c_in = [], nf
         for c_out, stride in ((nf, 1), (2 * nf, 2), (4 * nf, 2), (8 * nf, 2)):
             blocks += [BasicBlock(layers, c_in, c_out, stride), BasicBlock(layers, c_out, c_out, 1)]
@@ -259,8 +271,8 @@ class ResNet50(nn.Module):
 
     def __init__(self, output_size, layers, in_channels=3):
         super().__init__()
-        self.stem = nn.Sequential(layers.conv(in_channels, 64, 7, 2), layers.norm(64), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(layers.conv(in_channels, 64, 7, 2), layers.norm(64),
+                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
         blocks, c_in = [], 64
         for width, n, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
             for i in range(n):

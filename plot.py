@@ -69,17 +69,62 @@ def curves_of(a):
     return out
 
 
+def warn(message):
+    print(f"plot.py: warning: {message}", file=sys.stderr)
+
+
+def unit(s):
+    """An accuracy: a float in [0, 1]."""
+    v = float(s)
+    if not 0 <= v <= 1:
+        raise ValueError(f"{s} is not in [0, 1]")
+    return v
+
+
+def optional_int(s):
+    return int(s) if s else None
+
+
+RESULTS = {"num_learned": int, "task": int, "acc": unit, "bytes": optional_int}
+HOPFIELD = {"num_learned": int, "task": int, "step": int, "hamming": int}
+
+
+def read_csv(path, types):
+    """The rows of a CSV a run wrote, with the `types` columns parsed. A row that does not
+    parse (a file cut in the middle of a row, a number cut short at the end of the file) is
+    skipped with a warning naming the file and line, never read as a number."""
+    with open(path, newline="") as f:
+        text = f.read()
+    lines = text.split("\n")
+    header, rows = lines[0].split(","), []
+    for n, line in enumerate(lines[1:], 2):
+        if not line:
+            continue
+        values = next(csv.reader([line]))
+        try:
+            if len(values) != len(header) or (n == len(lines) and not text.endswith("\n")):
+                raise ValueError("the row is cut short")
+            row = dict(zip(header, values))
+            rows.append({**row, **{c: f(row[c]) for c, f in types.items() if c in row}})
+        except (ValueError, KeyError) as e:
+            warn(f"{path}, line {n}: skipped, it does not parse ({e})")
+    return rows
+
+
 def read_runs(root):
     """{(figure, curve, tasks): [run]}; a run is (args, results rows, folder): runs of one
     curve differ in their seed only (and the number of tasks keeps longer runs apart)."""
     curves = {}
     for folder, _, files in sorted(os.walk(root)):
-        if "args.json" not in files or "results.csv" not in files:
+        if "results.csv" not in files:
             continue
-        with open(os.path.join(folder, "args.json")) as f:
-            a = json.load(f)
-        with open(os.path.join(folder, "results.csv")) as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with open(os.path.join(folder, "args.json")) as f:
+                a = json.load(f)
+        except (OSError, ValueError) as e:
+            warn(f"{folder}: skipped, its args.json is missing or unreadable ({e})")
+            continue
+        rows = read_csv(os.path.join(folder, "results.csv"), RESULTS)
         if rows:
             for figure, label in curves_of(a):
                 curves.setdefault((figure, label, a["tasks"]), []).append((a, rows, folder))
@@ -90,28 +135,26 @@ def by_tasks(rows):
     """{tasks learned: mean accuracy over the tasks scored then}."""
     acc = {}
     for r in rows:
-        acc.setdefault(int(r["num_learned"]), []).append(float(r["acc"]))
+        acc.setdefault(r["num_learned"], []).append(r["acc"])
     return {k: float(np.mean(v)) for k, v in sorted(acc.items())}
 
 
 def final(rows):
-    """(mean accuracy after the last task, bytes then) of one run."""
-    k = max(int(r["num_learned"]) for r in rows)
-    last = [r for r in rows if int(r["num_learned"]) == k]
-    size = last[0].get("bytes")  # (absent from runs made before the column existed)
-    return float(np.mean([float(r["acc"]) for r in last])), int(size) if size else None, k
+    """(mean accuracy after the last task, bytes then, tasks learned then) of one run."""
+    k = max(r["num_learned"] for r in rows)
+    last = [r for r in rows if r["num_learned"] == k]
+    return float(np.mean([r["acc"] for r in last])), last[0]["bytes"], k
 
 
 def hamming(folder):
     """{step: mean over tasks of the summed Hamming distance of the layers}, last eval point."""
-    with open(os.path.join(folder, "hopfield.csv")) as f:
-        log = list(csv.DictReader(f))
-    k = max(int(r["num_learned"]) for r in log)
+    log = read_csv(os.path.join(folder, "hopfield.csv"), HOPFIELD)
+    k = max(r["num_learned"] for r in log)
     per = {}
     for r in log:
-        if int(r["num_learned"]) == k:
-            key = (int(r["step"]), r["task"])
-            per[key] = per.get(key, 0) + int(r["hamming"])
+        if r["num_learned"] == k:
+            key = (r["step"], r["task"])
+            per[key] = per.get(key, 0) + r["hamming"]
     steps = {}
     for (step, _), d in per.items():
         steps.setdefault(step, []).append(d)

@@ -4,17 +4,20 @@
 #   bash run_all.sh                         # everything, on the CPU or on every GPU in GPUS
 #   GPUS=0,1,2,3 bash run_all.sh            # four lanes, one per GPU (CUDA_VISIBLE_DEVICES)
 #   QUICK=1 bash run_all.sh                 # few tasks and steps: every figure, in minutes
-#   DRY_RUN=1 bash run_all.sh               # print the lanes and their commands, run nothing
-#   LIST=1 bash run_all.sh | parallel -j 4  # one command per line (GNU parallel, Slurm arrays)
+#   DRY_RUN=1 bash run_all.sh               # print the lanes and the queue, run nothing
+#   LIST=1 bash run_all.sh | parallel -j 4 'CUDA_VISIBLE_DEVICES=$(({%} - 1)) bash -c {}'
+#                                           # one command per line: GNU parallel (job slot k on
+#                                           # GPU k-1), or a Slurm array
 #   ONLY=fig3 bash run_all.sh               # only the runs whose name matches (grep -E)
 #   python plot.py runs --out figures       # then the figures and the table
 #
 # Knobs: GPUS (comma list; empty: one CPU lane), SEEDS (default 0 1 2 3 4; QUICK: 1 2), DATA
 # (MNIST and CIFAR-100 are read there, downloaded once before the lanes start if missing;
 # default data), IMAGENET (an ImageFolder tree with train/ and val/; default $DATA/imagenet),
-# OUT (default runs), ONLY (a pattern over run names). Every run writes OUT/NAME/ with its own
-# log.txt; a finished run is skipped, an interrupted one resumes (the scripts resume from their
-# checkpoints). The script waits for every lane and exits 1 naming the runs that failed.
+# OUT (default runs), ONLY (a pattern over run names). Lanes take runs from one queue in
+# order. Every run writes OUT/NAME/ with its own log.txt; a finished run is skipped, an
+# interrupted one resumes (the scripts resume from their checkpoints). The script waits for
+# every lane and exits 1 naming the runs that failed.
 set -u
 cd "$(dirname "$0")"
 GPUS=${GPUS-}
@@ -41,10 +44,11 @@ if [ "$QUICK" = 1 ]; then  # a few tasks and steps; synthetic CIFAR-100 and Imag
     HOP="--tasks 2 --steps 20"
 fi
 
-emit() {  # NAME COMMAND...: one run, written as NAME<TAB>COMMAND --out OUT/NAME
-    local name=$1
+emit() {  # NAME COMMAND...: one run, written as NAME<TAB>COMMAND --out OUT/NAME, each word
+    local name=$1 cmd  # quoted for bash (a folder name may hold spaces)
     shift
-    printf '%s\t%s --out %q\n' "$name" "$*" "$OUT/$name"
+    printf -v cmd '%q ' "$@" --out "$OUT/$name"
+    printf '%s\t%s\n' "$name" "${cmd% }"
 }
 
 runs() {
@@ -126,30 +130,35 @@ if [ "$LIST" = 1 ]; then
 fi
 IFS=, read -r -a LANES <<< "$GPUS"
 [ ${#LANES[@]} -eq 0 ] && LANES=(cpu)
-if [ "$DRY_RUN" != 1 ]; then
-    if [ "$QUICK" = 1 ]; then
-        python -c "import data, sys; data.synthetic_cifar100(sys.argv[1]); \
+if [ "$DRY_RUN" = 1 ]; then  # nothing is created, deleted or run
+    echo "[lanes ${LANES[*]}] each takes the next run of the queue:"
+    for line in "${LINES[@]}"; do printf '[queue] %s\n' "${line#*$'\t'}"; done
+    exit 0
+fi
+if [ "$QUICK" = 1 ]; then
+    python -c "import data, sys; data.synthetic_cifar100(sys.argv[1]); \
 data.synthetic_imagefolder(sys.argv[2])" "$CIFAR" "$IMAGENET" || exit 1
-    fi
-    # download what the runs need once, here, so that lanes never download into one folder
-    # at once (SplitImageNet cannot be downloaded: it must be in IMAGENET already)
-    names=$(printf '%s\n' "${LINES[@]}" | cut -f1)
-    if grep -qv -e splitcifar100 -e splitimagenet <<< "$names"; then
-        python data.py mnist --data "$DATA" || exit 1
-    fi
-    if [ "$QUICK" != 1 ] && grep -q splitcifar100 <<< "$names"; then
-        python data.py cifar100 --data "$CIFAR" || exit 1
-    fi
+fi
+# download what the runs need once, here, so that lanes never download into one folder at
+# once (SplitImageNet cannot be downloaded: it must be in IMAGENET already)
+names=$(printf '%s\n' "${LINES[@]}" | cut -f1)
+if grep -qv -e splitcifar100 -e splitimagenet <<< "$names"; then
+    python data.py mnist --data "$DATA" || exit 1
+fi
+if [ "$QUICK" != 1 ] && grep -q splitcifar100 <<< "$names"; then
+    python data.py cifar100 --data "$CIFAR" || exit 1
 fi
 
-lane() {  # INDEX: every run i with i % lanes == INDEX, one after another
-    local i name cmd gpu=${LANES[$1]}
-    for ((i = $1; i < ${#LINES[@]}; i += ${#LANES[@]})); do
+mkdir -p "$OUT"
+QUEUE=$(mktemp -d "$OUT/.queue.XXXXXX")  # run i is claimed by the lane that makes QUEUE/i
+trap 'rm -rf "$QUEUE"' EXIT
+rm -f "$OUT/.failed"
+
+lane() {  # GPU: take the next unclaimed run until none is left, so lanes finish together
+    local i name cmd gpu=$1
+    for ((i = 0; i < ${#LINES[@]}; i++)); do
+        mkdir "$QUEUE/$i" 2> /dev/null || continue  # another lane has it
         name=${LINES[i]%%$'\t'*} cmd=${LINES[i]#*$'\t'}
-        if [ "$DRY_RUN" = 1 ]; then
-            echo "[lane $gpu] $cmd"
-            continue
-        fi
         [ -f "$OUT/$name/.done" ] && continue
         mkdir -p "$OUT/$name"
         echo "[lane $gpu] $name"
@@ -162,12 +171,10 @@ lane() {  # INDEX: every run i with i % lanes == INDEX, one after another
     done
 }
 
-mkdir -p "$OUT"
-rm -f "$OUT/.failed"
-for i in "${!LANES[@]}"; do lane "$i" & done
+for gpu in "${LANES[@]}"; do lane "$gpu" & done
 wait
 if [ -s "$OUT/.failed" ]; then
     echo "failed runs (their logs: $OUT/NAME/log.txt): $(tr '\n' ' ' < "$OUT/.failed")" >&2
     exit 1
 fi
-[ "$DRY_RUN" = 1 ] || echo "all ${#LINES[@]} runs done; figures: python plot.py $OUT"
+echo "all ${#LINES[@]} runs done; figures: python plot.py $OUT"

@@ -17,15 +17,17 @@ is what each method must keep to serve every task learned so far. README.md has 
 import contextlib
 import math
 import os
+import re
 import time
 
 import numpy as np
 import torch
 
 import data
+import harness
 import nets
 import supsup
-from supsup import positive_float, positive_int
+from harness import non_negative_float, non_negative_int, positive_float, positive_int
 
 DATASETS = {  # classes, classes per task (all 10 digits for permuted), channels
     "splitcifar100": dict(classes=100, per_task=5, channels=3),
@@ -60,7 +62,7 @@ COLUMNS = ("scenario,dataset,model,method,sparsity,density,seed,num_learned,task
 
 
 def get_parser():
-    p = supsup.Parser(description="SupSup and its baselines in GG (task given) on "
+    p = harness.Parser(description="SupSup and its baselines in GG (task given) on "
                                   "SplitCIFAR100, SplitImageNet, SplitMNIST or PermutedMNIST.")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="splitcifar100",
                    help="task family")
@@ -83,7 +85,7 @@ def get_parser():
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="epochs per task [default: 250; splitimagenet 100; splitmnist 5; "
                         "permuted 2]")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--warmup", type=non_negative_int, default=None,
                    help="linear warmup epochs before the cosine [default: 0; splitimagenet 5]")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="training batch size [default: 128; splitimagenet 256]")
@@ -93,9 +95,12 @@ def get_parser():
     p.add_argument("--trunk-lr", type=positive_float, default=1e-3,
                    help="Adam lr of every parameter while the shared weights train "
                         "(batche, separate-heads on task 0; upper- and lower-bound)")
-    p.add_argument("--wd", type=float, default=None,
+    p.add_argument("--wd", type=non_negative_float, default=None,
                    help="Adam weight decay [default: 1e-4; splitimagenet 0]")
-    p.add_argument("--workers", type=int, default=8,
+    p.add_argument("--accum-steps", type=positive_int, default=1,
+                   help="split each batch into this many parts whose gradients add up before "
+                        "the step: the same batch in less memory (BatchNorm sees the parts)")
+    p.add_argument("--workers", type=non_negative_int, default=8,
                    help="DataLoader workers decoding SplitImageNet (the other data sets live "
                         "on the device)")
     p.add_argument("--parallel", type=positive_int, default=1,
@@ -110,7 +115,7 @@ def get_parser():
                    help="learn and score only task i (0-based), in OUT/taski/, to spread the "
                         "tasks over GPUs or machines; when the last is done, OUT/results.csv "
                         "gets the table of a full run")
-    supsup.add_common_args(p)
+    harness.add_common_args(p)
     return p
 
 
@@ -124,13 +129,13 @@ def resolve(args, parser):
         args.lr = BASELINES[args.method]["lr"] if args.method in BASELINES else 1e-3
     if args.tasks > most:
         parser.error(f"--tasks {args.tasks}: {args.dataset} has {most} tasks")
-    if min(args.wd, args.warmup, args.workers) < 0:
-        parser.error("--wd, --warmup and --workers must not be negative")
+    if args.accum_steps > args.batch_size:
+        parser.error(f"--accum-steps {args.accum_steps} exceeds --batch-size "
+                     f"{args.batch_size}")
     if args.task is not None and not 0 <= args.task < args.tasks:
         parser.error(f"--task {args.task} is not in 0..{args.tasks - 1}")
     if args.parallel > 1 and (args.method != "supsup" or args.task is not None
-                              or "splitimagenet" in (args.dataset, args.model)
-                              or args.model == "resnet50"):
+                              or args.dataset == "splitimagenet" or args.model == "resnet50"):
         parser.error("--parallel needs --method supsup, no --task, and a data set in memory "
                      "with a model other than resnet50")
     if args.model not in IMAGE_NETS and DATASETS[args.dataset]["channels"] != 1:
@@ -186,10 +191,11 @@ class TensorTasks:
         _, x, y = self.cached
         g = supsup.task_generator(self.args.seed, t, 5, epoch)
         order = torch.randperm(len(x), generator=g).to(x.device)
+        draws = data.crop_flip_draws(len(x), g, x.device) if self.augment else None
         for i in range(0, len(x), self.args.batch_size):
-            idx = order[i:i + self.args.batch_size]
-            xb = x.index_select(0, idx)
-            yield (data.crop_flip(xb, g) if self.augment else xb), y[idx]
+            part = slice(i, i + self.args.batch_size)
+            xb = x.index_select(0, order[part])
+            yield (data.crop_flip(xb, *(d[part] for d in draws)) if draws else xb), y[order[part]]
 
     def test_batches(self, t):
         x, y = self.task(t, train=False)
@@ -200,7 +206,7 @@ class TensorTasks:
         """Tasks t..t+n-1's batches stacked to [n, B, ...], each drawn as when trained alone."""
         sizes = {len(self.task(i, train=True)[1]) for i in range(t, t + n)}
         if len(sizes) > 1:
-            raise supsup.UserError(f"tasks {t}..{t + n - 1} have {sorted(sizes)} training "
+            raise harness.UserError(f"tasks {t}..{t + n - 1} have {sorted(sizes)} training "
                                    "examples; --parallel needs tasks of one size (drop it)")
         groups = zip(*[list(self.train_batches(i, epoch)) for i in range(t, t + n)])
         for group in groups:
@@ -218,7 +224,7 @@ class FolderTasks:
                        for folder in ("train", "val")}  # scanned once: train/ has 1.28M files
         n = [len(images.classes) for images in self.images.values()]
         if n[0] != n[1] or n[0] < 10 * args.tasks:
-            raise supsup.UserError(f"{args.data} has {n[0]} train and {n[1]} val classes; "
+            raise harness.UserError(f"{args.data} has {n[0]} train and {n[1]} val classes; "
                                    f"{args.tasks} tasks need 10 each in both (ImageNet: 1000)")
         self.split = data.imagenet_split(n[0] // 10 * 10)
         self.position = torch.zeros(n[0], dtype=torch.long, device=device)  # label in its task
@@ -295,7 +301,7 @@ def train_task(model, tasks, t, args, score_sum, n=1):
     for epoch in range(args.epochs):
         batches = tasks.train_batches(t, epoch) if n == 1 else tasks.parallel_batches(t, n, epoch)
         with precision(args, tasks.device):
-            loss = supsup.train_steps(model, formatted(batches, args), opt)
+            loss = supsup.train_steps(model, formatted(batches, args), opt, args.accum_steps)
         schedule.step()
     model.eval()
     if args.method not in BASELINES:
@@ -369,9 +375,8 @@ def summary(rows, k):
     return f"learned {k}: acc {np.mean([r['acc'] for r in at]):.4f}"
 
 
-def setup(args):
-    """The task data, the model on the device, its kept fraction of weights, the device."""
-    device = supsup.get_device(args.device)
+def setup(args, device):
+    """The task data, the model on the device, and its kept fraction of weights."""
     tasks = (FolderTasks if args.dataset == "splitimagenet" else TensorTasks)(args, device)
     model = build_model(args).to(device)
     if args.channels_last:
@@ -379,35 +384,50 @@ def setup(args):
     layers = supsup.masked_layers(model)
     density = sum(m.density * m.weight.numel() for m in layers) / sum(
         m.weight.numel() for m in layers) if layers else 1.0
-    return tasks, model, density, device
+    return tasks, model, density
+
+
+KEYS = ("args", "learned", "rows", "accs", "sizes", "train_seconds", "seconds", "model")
+TASK_KEYS = ("args", "acc", "seconds", "size", "density")  # a --task run's
+
+
+def write_outputs(out, state):
+    """results.csv, derived from the checkpoint's state: written after each checkpoint and
+    again whenever the run folder is opened, so a kill between the two loses nothing."""
+    if state["rows"]:
+        harness.write_csv(os.path.join(out, "results.csv"), state["rows"], COLUMNS)
 
 
 def run(args):
+    device = harness.get_device(args.device)
     if args.task is not None:
-        return run_task(args)
-    ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
-    rows = ckpt["rows"] if ckpt else []
-    learned = ckpt["learned"] if ckpt else 0
-    if learned == args.tasks:
-        print(summary(rows, args.tasks) + f"  (finished; {args.out}/results.csv)")
-        return rows
-    tasks, model, density, device = setup(args)
+        return run_task(args, device)
+    state = harness.open_run(args.out, vars(args), device, KEYS)
+    if state:
+        write_outputs(args.out, state)
+        if state["learned"] == args.tasks:
+            print(summary(state["rows"], args.tasks) + f"  (finished; {args.out}/results.csv)")
+            return state["rows"]
+    tasks, model, density = setup(args, device)
+    state = state or dict(args=vars(args), learned=0, rows=[], accs={}, sizes=[],
+                          train_seconds=[], seconds=0.0)
     score_sum = None
-    if args.method == "supsup-transfer":
+    if args.method == "supsup-transfer":  # the running sum of the finished tasks' scores
         score_sum = [torch.zeros_like(m.weight) for m in supsup.masked_layers(model)]
-    accs, sizes, train_seconds = {}, [], []  # right after training; (bytes, paper_bytes)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
+    if state["learned"]:
+        model.load_state_dict(state["model"])
         for m in supsup.masked_layers(model):
-            m.num_learned = learned
+            m.num_learned = state["learned"]
         if score_sum is not None:
-            score_sum = [s.to(device) for s in ckpt["score_sum"]]
-        accs, sizes, train_seconds = ckpt["accs"], ckpt["sizes"], ckpt["train_seconds"]
-        print(f"resuming {args.out} after task {learned}")
-    start = time.time() - (ckpt["seconds"] if ckpt else 0)
-    for t0 in range(learned, args.tasks, args.parallel):  # --parallel tasks at a time
+            score_sum = [s.to(device) for s in state["score_sum"]]
+        print(f"resuming {args.out} after task {state['learned']}")
+    rows, accs, sizes, train_seconds = (state[k] for k in ("rows", "accs", "sizes",
+                                                           "train_seconds"))
+    start = time.time() - state["seconds"]
+    for t0 in range(state["learned"], args.tasks, args.parallel):  # --parallel tasks at once
         n, started = min(args.parallel, args.tasks - t0), time.time()
         loss = train_task(model, tasks, t0, args, score_sum, n)
+        harness.check_finite(loss, t0, "--lr")
         train_seconds += [round((time.time() - started) / n, 2)] * n
         for t in range(t0, t0 + n):
             sizes.append(task_bytes(model, t, args))
@@ -419,53 +439,77 @@ def run(args):
                             round(time.time() - start, 1))
             print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
                   f"{accs[t]:.4f}  {train_seconds[t]:.1f}s", flush=True)
-        supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
-        state = dict(args=vars(args), model=model.state_dict(), learned=t + 1, rows=rows,
-                     accs=accs, sizes=sizes, train_seconds=train_seconds,
-                     seconds=time.time() - start)
+        state.update(model=model.state_dict(), learned=t + 1, seconds=time.time() - start)
         if score_sum is not None:
-            state["score_sum"] = [s.cpu() for s in score_sum]
-        supsup.save_checkpoint(args.out, state)
+            state["score_sum"] = score_sum
+        harness.save_checkpoint(args.out, state)
+        write_outputs(args.out, state)
     print(summary(rows, args.tasks) + f"  done in {(time.time() - start) / 60:.1f} min; "
           f"results in {args.out}/results.csv")
     return rows
 
 
-def run_task(args):
+def task_state(model, t):
+    """What task t alone learned: its row of every mask bank, and its own BatchNorm statistics,
+    factors and head (W, and a random trunk, come from the seed)."""
+    own = re.compile(rf"\.(norms|s|t|heads)\.{t}(\.|$)")
+    return {k: v[t:t + 1] if k.endswith("bank") else v
+            for k, v in model.state_dict().items() if k.endswith("bank") or own.search(k)}
+
+
+def run_task(args, device):
     """--task i: learn and score task i alone in OUT/task{i}/ (its own checkpoint), then merge.
     Methods whose tasks share nothing learned come out exactly as in a full run."""
     if args.method not in INDEPENDENT:
-        raise supsup.UserError(f"--task needs a method whose tasks are independent ("
-                               f"{', '.join(INDEPENDENT)}); {args.method} builds on earlier "
-                               "tasks: run all tasks in one run")
+        raise harness.UserError(f"--task needs a method whose tasks are independent ("
+                                f"{', '.join(INDEPENDENT)}); {args.method} builds on earlier "
+                                "tasks: run all tasks in one run")
     if os.path.exists(os.path.join(args.out, "ckpt.pt")):
-        raise supsup.UserError(f"{args.out} holds a run of all tasks; pass another --out for "
-                               "--task runs")
+        raise harness.UserError(f"{args.out} holds a run of all tasks; pass another --out for "
+                                "--task runs")
+    done = finished_tasks(args)  # (refuses tasks run with other flags before training one)
     sub = os.path.join(args.out, f"task{args.task}")
-    ckpt = supsup.open_run(sub, vars(args), results="results.csv")
-    if ckpt is None:
-        tasks, model, density, _ = setup(args)
+    if args.task not in done:
+        harness.open_run(sub, vars(args), device, TASK_KEYS, outputs=())
+        tasks, model, density = setup(args, device)
         for m in supsup.masked_layers(model):
             m.num_learned = args.task  # task i's slot, seeds and statistics
         t0 = time.time()
         loss = train_task(model, tasks, args.task, args, None)
+        harness.check_finite(loss, args.task, "--lr")
         seconds = round(time.time() - t0, 2)
         acc = accuracy(model, tasks, args.task, args)
-        ckpt = dict(args=vars(args), model=model.state_dict(), acc=acc, seconds=seconds,
-                    size=task_bytes(model, args.task, args), density=density)
-        supsup.save_checkpoint(sub, ckpt)
+        harness.save_tensors(os.path.join(sub, "model.pt"), task_state(model, args.task))
+        done[args.task] = dict(args=vars(args), acc=acc, seconds=seconds, density=density,
+                               size=task_bytes(model, args.task, args))
+        harness.save_checkpoint(sub, done[args.task])
         print(f"[GG {args.method}] task {args.task + 1}/{args.tasks} alone  loss {loss:.3f}  "
               f"acc {acc:.4f}  {seconds:.1f}s", flush=True)
-    return merge_tasks(args)
+    return merge_tasks(args, done)
 
 
-def merge_tasks(args):
-    """Once every task of OUT/task*/ is done, write OUT/results.csv: the table of a full run."""
+def finished_tasks(args):
+    """{i: the checkpoint of OUT/task{i}/} for the --task runs done so far; only these small
+    checkpoints are read. Refuses one that is corrupt or was run with other flags."""
     done = {}
     for i in range(args.tasks):
-        path = os.path.join(args.out, f"task{i}", "ckpt.pt")
-        if os.path.exists(path):
-            done[i] = torch.load(path, weights_only=True)
+        sub = os.path.join(args.out, f"task{i}")
+        if not os.path.exists(os.path.join(sub, "ckpt.pt")):
+            continue
+        state = harness.load_tensors(os.path.join(sub, "ckpt.pt"))
+        if not isinstance(state, dict) or not all(k in state for k in TASK_KEYS):
+            raise harness.UserError(f"{sub}/ckpt.pt is corrupt or not a --task checkpoint; "
+                                    f"delete {sub} and run --task {i} again")
+        diff = harness.same_run(state["args"], vars(args), harness.VOLATILE + ("task",))
+        if diff:
+            raise harness.UserError(f"{sub} was run with other arguments ({', '.join(diff)}); "
+                                    "rerun with its flags, or pass another --out")
+        done[i] = state
+    return done
+
+
+def merge_tasks(args, done):
+    """Once every task is done, write OUT/results.csv: the table of a full run."""
     if len(done) < args.tasks:
         print(f"{len(done)} of {args.tasks} tasks done; {args.out}/results.csv comes with the "
               "last (run the others with --task)")
@@ -475,14 +519,14 @@ def merge_tasks(args):
     seconds = [done[i]["seconds"] for i in range(args.tasks)]
     rows = [r for t in range(args.tasks) for r in rows_at(
         args, t, accs, sizes, seconds, done[0]["density"], round(sum(seconds[:t + 1]), 1))]
-    supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
+    harness.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
     print(summary(rows, args.tasks) + f"  (merged {args.tasks} tasks; {args.out}/results.csv)")
     return rows
 
 
 def main(argv=None):
     parser = get_parser()
-    return supsup.run_or_exit(run, resolve(parser.parse_args(argv), parser), "run_gg.py")
+    return harness.run_or_exit(run, harness.parse(parser, argv, resolve), "run_gg.py")
 
 
 if __name__ == "__main__":

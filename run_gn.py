@@ -17,10 +17,12 @@ import time
 import torch
 
 import data
+import harness
 import nets
 import supsup
+from harness import positive_float, positive_int
 from nets import NETS
-from supsup import num_learned, positive_int, positive_float
+from supsup import num_learned
 
 PAPER = {  # the paper's settings per data set (Sec. 4.2; HopSupSup: Sec. 3.5, App.)
     "permuted": dict(tasks=250, model="lenet", infer="oneshot", infer_examples=1,
@@ -54,10 +56,15 @@ BASELINES = {
 }
 COLUMNS = ("scenario,dataset,model,method,infer,objective,seed,num_learned,task,acc,task_acc,"
            "given_acc,n_test,bytes,train_seconds,seconds").split(",")
+# what each kind of run's checkpoint holds (a checkpoint without them is not this script's)
+KEYS = ("args", "learned", "rows", "crcs", "train_seconds", "seconds")
+BASELINE_KEYS = ("args", "learned", "rows", "accs", "train_seconds", "seconds", "model")
+HOPFIELD_KEYS = ("args", "learned", "rows", "log", "seconds", "model")
+HOPFIELD_OUTPUTS = ("results.csv", "hopfield.csv")
 
 
 def get_parser():
-    p = supsup.Parser(description="SupSup GNu/GNs on PermutedMNIST or RotatedMNIST; "
+    p = harness.Parser(description="SupSup GNu/GNs on PermutedMNIST or RotatedMNIST; "
                                   "HopSupSup on SplitMNIST.")
     p.add_argument("--dataset", choices=sorted(PAPER), default="permuted",
                    help="task family; rotated and splitmnist (HopSupSup) switch the defaults "
@@ -89,7 +96,7 @@ def get_parser():
     p.add_argument("--infer-examples", type=positive_int, default=None,
                    help="images of each test batch that decide its task [default: 1; "
                         "rotated: 128, the full batch]")
-    p.add_argument("--eval-at", type=supsup.int_list, default=None,
+    p.add_argument("--eval-at", type=harness.int_list, default=None,
                    help="evaluate after learning these numbers of tasks (comma list); after "
                         "the last task always [default: 10,50,100,150,200,500,1000,1500,2000; "
                         "rotated: 2,5,10,...,35]")
@@ -109,11 +116,11 @@ def get_parser():
                    help="hopfield: final weight of the Hopfield energy in the recovery loss")
     p.add_argument("--recovery-lr", type=positive_float, default=500.0,
                    help="hopfield: SGD learning rate of the mask recovery (momentum 0.9)")
-    p.add_argument("--parallel", type=positive_int, default=None,
+    p.add_argument("--parallel", type=positive_int, default=1,
                    help="train this many tasks at once as one batched computation (same "
-                        "seeds, results within float rounding) [default: 1 on CPU, where it "
-                        "does not pay; 25 on CUDA]")
-    supsup.add_common_args(p)
+                        "seeds, results within float rounding; it did not pay on a CPU and "
+                        "has not been measured on a GPU)")
+    harness.add_common_args(p)
     return p
 
 
@@ -140,8 +147,6 @@ def resolve(args, parser):
                      f"{'given (or oneshot for batche)' if baseline else 'oneshot or binary'}")
     if baseline and args.dataset == "splitmnist":
         parser.error("the baselines run on permuted or rotated")
-    if args.parallel is None:
-        args.parallel = 25 if args.device.startswith("cuda") else 1
     hop = (args.dataset == "splitmnist", args.model == "bnnet", args.infer == "hopfield")
     if any(hop) and not all(hop):
         parser.error("HopSupSup is --dataset splitmnist --model bnnet --infer hopfield, the "
@@ -150,6 +155,8 @@ def resolve(args, parser):
         parser.error(f"--tasks {args.tasks}: splitmnist has 5 tasks")
     if args.output_size < 10:
         parser.error(f"--output-size {args.output_size} is below the 10 digit classes")
+    if args.objective == "g" and args.infer in ("oneshot", "binary") and args.output_size == 10:
+        parser.error("--objective g reads the superfluous outputs: give --output-size above 10")
     if args.infer_examples > args.test_batch_size:
         parser.error(f"--infer-examples {args.infer_examples} exceeds --test-batch-size "
                      f"{args.test_batch_size}")
@@ -303,39 +310,41 @@ def evaluate_hopfield(model, test_x, test_y, args, log):
 def run_hopfield(args):
     """HopSupSup on SplitMNIST: neuron masks learned with the task given, recovered at test
     time from a Hopfield network without it (paper Sec. 3.5)."""
-    ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
-    device = supsup.get_device(args.device)
+    device = harness.get_device(args.device)
+    state = harness.open_run(args.out, vars(args), device, HOPFIELD_KEYS, HOPFIELD_OUTPUTS)
+    if state:
+        write_outputs(args.out, state)
+        if state["learned"] == args.tasks:
+            print(summary(args, state["rows"], args.tasks) + f"  (finished; {args.out})")
+            return state["rows"]
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
     model = nets.bnnet(args.output_size, args.tasks, args.seed).to(device)
-    rows, log, learned = [], [], 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        rows, log, learned = ckpt["rows"], ckpt["log"], ckpt["learned"]
+    state = state or dict(args=vars(args), learned=0, rows=[], log=[], seconds=0.0)
+    if state["learned"]:
+        model.load_state_dict(state["model"])
         for m in supsup.neuron_masks(model):
-            m.num_learned = learned
-    start = time.time() - (ckpt["seconds"] if ckpt else 0)
-    for t in range(learned, args.tasks):
+            m.num_learned = state["learned"]
+    start = time.time() - state["seconds"]
+    for t in range(state["learned"], args.tasks):
         t0 = time.time()
         loss = train_hopfield_task(model, *split_task(train_x, train_y, t), t, args)
+        harness.check_finite(loss, t, "--lr")
         print(f"[hopfield] task {t + 1}/{args.tasks}  loss {loss:.3f}  {time.time() - t0:.1f}s",
               flush=True)
         if t + 1 in args.eval_at:
             size = sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()  # mask bits, psi
                        for m in supsup.neuron_masks(model))
-            for r in evaluate_hopfield(model, test_x, test_y, args, log):
+            for r in evaluate_hopfield(model, test_x, test_y, args, state["log"]):
                 r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
                          method="hopsupsup", infer="hopfield", objective="entropy",
                          seed=args.seed, num_learned=t + 1, train_seconds="", bytes=size,
                          seconds=round(time.time() - start, 1))
-                rows.append(r)
-            supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
-            supsup.write_csv(os.path.join(args.out, "hopfield.csv"), log,
-                             ["num_learned", "task", "step", "layer", "hamming"])
-            print(summary(args, rows, t + 1), flush=True)
-        supsup.save_checkpoint(args.out, dict(args=vars(args), model=model.state_dict(),
-                                              learned=t + 1, rows=rows, log=log,
-                                              seconds=time.time() - start))
-    return rows
+                state["rows"].append(r)
+            print(summary(args, state["rows"], t + 1), flush=True)
+        state.update(model=model.state_dict(), learned=t + 1, seconds=time.time() - start)
+        harness.save_checkpoint(args.out, state)
+        write_outputs(args.out, state)
+    return state["rows"]
 
 
 def infer_batche(model, x, k):
@@ -392,19 +401,27 @@ def evaluate_baseline(model, test_x, test_y, args, k, accs):
 def run_baseline(args):
     """A comparison line of the GNu figures: dense layers (nets.Dense) trained per BASELINES,
     given the task at test time (or, for batche with --infer oneshot, inferring it)."""
-    ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
-    device = supsup.get_device(args.device)
+    device = harness.get_device(args.device)
+    weights, units = nets.mlp_weights(args.model, args.output_size)
+    harness.ensure_fits(4 * (4 * weights + 3 * args.tasks * units), device,
+                        f"--tasks {args.tasks} of {args.method} on {args.model}")
+    state = harness.open_run(args.out, vars(args), device, BASELINE_KEYS)
+    if state:
+        write_outputs(args.out, state)
+        if state["learned"] == args.tasks:
+            print(summary(args, state["rows"], args.tasks) + f"  (finished; {args.out})")
+            return state["rows"]
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
     spec = BASELINES[args.method]
     model = NETS[args.model](args.output_size, args.tasks, args.seed, layers=nets.Dense(
         args.tasks, args.seed, **spec["layers"])).to(device)
-    rows, accs, train_seconds, learned = [], {}, [], 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        rows, accs, train_seconds, learned = (ckpt["rows"], ckpt["accs"], ckpt["train_seconds"],
-                                              ckpt["learned"])
-    start = time.time() - (ckpt["seconds"] if ckpt else 0)
-    for t in range(learned, args.tasks):
+    state = state or dict(args=vars(args), learned=0, rows=[], accs={}, train_seconds=[],
+                          seconds=0.0)
+    if state["learned"]:
+        model.load_state_dict(state["model"])
+    start = time.time() - state["seconds"]
+    rows, accs, train_seconds = state["rows"], state["accs"], state["train_seconds"]
+    for t in range(state["learned"], args.tasks):
         t0, trunk = time.time(), t < spec["trunk_tasks"]
         opt = spec["opt"](nets.trainable(model, t, args.tasks, trunk),
                           args.trunk_lr if trunk else args.lr)
@@ -412,6 +429,7 @@ def run_baseline(args):
         supsup.set_task(model, t)
         model.train()
         loss = supsup.train_steps(model, task_batches(train_x, train_y, pix[None], t, args), opt)
+        harness.check_finite(loss, t, "--trunk-lr" if trunk else "--lr")
         model.eval()
         train_seconds.append(time.time() - t0)
         x, y = test_set(test_x, test_y, args, t)
@@ -427,14 +445,22 @@ def run_baseline(args):
                          train_seconds=round(train_seconds[r["task"]], 2),
                          seconds=round(time.time() - start, 1))
                 rows.append(r)
-            supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
             print(summary(args, rows, t + 1), flush=True)
-        supsup.save_checkpoint(args.out, dict(args=vars(args), model=model.state_dict(),
-                                              rows=rows, accs=accs, learned=t + 1,
-                                              train_seconds=train_seconds,
-                                              seconds=time.time() - start))
+        state.update(model=model.state_dict(), learned=t + 1, seconds=time.time() - start)
+        harness.save_checkpoint(args.out, state)
+        write_outputs(args.out, state)
     print(f"done in {(time.time() - start) / 60:.1f} min; results in {args.out}/results.csv")
     return rows
+
+
+def write_outputs(out, state):
+    """The CSVs, derived from the checkpoint's state: written after each checkpoint and again
+    whenever the run folder is opened, so a kill between the two loses nothing."""
+    if state["rows"]:
+        harness.write_csv(os.path.join(out, "results.csv"), state["rows"], COLUMNS)
+    if state.get("log"):
+        harness.write_csv(os.path.join(out, "hopfield.csv"), state["log"],
+                          ["num_learned", "task", "step", "layer", "hamming"])
 
 
 def run(args):
@@ -442,32 +468,38 @@ def run(args):
         return run_hopfield(args)
     if args.method in BASELINES:
         return run_baseline(args)
-    ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
-    rows = ckpt["rows"] if ckpt else []
-    if ckpt and "learned" not in ckpt:
-        raise supsup.UserError(f"{args.out}/ckpt.pt was written by an older run_gn.py (masks "
-                               "inside it); delete the run folder to start over")
-    if ckpt and ckpt["learned"] == args.tasks:
-        print(summary(args, rows, args.tasks) + f"  (finished; {args.out}/results.csv)")
-        return rows
-    device = supsup.get_device(args.device)
+    device = harness.get_device(args.device)
+    weights, _ = nets.mlp_weights(args.model, args.output_size)
+    harness.ensure_fits(args.tasks * weights // 8 + 4 * (2 + args.parallel) * weights, device,
+                        f"the masks of --tasks {args.tasks} on {args.model} with --output-size "
+                        f"{args.output_size}")
+    state = harness.open_run(args.out, vars(args), device, KEYS)
+    if state:
+        write_outputs(args.out, state)
+        if state["learned"] == args.tasks:
+            print(summary(args, state["rows"], args.tasks) + f"  (finished; {args.out})")
+            return state["rows"]
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
     model = NETS[args.model](args.output_size, args.tasks, args.seed).to(device)
-    train_seconds = ckpt["train_seconds"] if ckpt else []
     masks_file = os.path.join(args.out, "masks.bin")
-    if ckpt:
-        supsup.load_banks(masks_file, model, ckpt["learned"])
+    state = state or dict(args=vars(args), learned=0, rows=[], crcs=[], train_seconds=[],
+                          seconds=0.0)
+    if state["learned"]:
+        width = sum(m.bank.shape[1] for m in supsup.masked_layers(model))
+        supsup.set_bank_rows(model, harness.read_records(masks_file, width, state["crcs"]))
         print(f"resuming {args.out} after task {num_learned(model)}")
     session, t_first = time.time(), num_learned(model)
-    start = session - (ckpt["seconds"] if ckpt else 0)  # run time counts across resumes
-    t = t_first
+    start = session - state["seconds"]  # run time counts across resumes
+    rows, train_seconds, t = state["rows"], state["train_seconds"], t_first
     while t < args.tasks:  # a group of --parallel tasks at a time, never across an eval point
         t0, stop = time.time(), min([t + args.parallel] + [e for e in args.eval_at if e > t])
         pix = torch.stack([data.TASKS[args.dataset](args.seed, i).to(device)
                            for i in range(t, stop)])
         loss = train_tasks(model, train_x, train_y, pix, args)
+        harness.check_finite(loss, t, "--lr")
         train_seconds += [(time.time() - t0) / (stop - t)] * (stop - t)
-        supsup.save_banks(masks_file, model, t)
+        state["crcs"][t:] = harness.append_records(masks_file, t,
+                                                   supsup.bank_rows(model, t, stop))
         for i in range(t, stop):
             supsup.set_task(model, i)
             x = test_x.index_select(1, pix[i - t])
@@ -487,18 +519,18 @@ def run(args):
                          seed=args.seed, num_learned=t, seconds=seconds, bytes=mask_bytes(model, t),
                          train_seconds=round(train_seconds[r["task"]], 2))
             rows += new
-            supsup.write_csv(os.path.join(args.out, "results.csv"), rows, COLUMNS)
             print(summary(args, rows, t) + f"  eval {time.time() - t1:.1f}s", flush=True)
-        supsup.save_checkpoint(args.out, dict(args=vars(args), learned=t, rows=rows,
-                                              train_seconds=train_seconds,
-                                              seconds=time.time() - start))
+        state.update(learned=t, seconds=time.time() - start)
+        harness.save_checkpoint(args.out, state)
+        write_outputs(args.out, state)
     print(f"done in {(time.time() - start) / 60:.1f} min; results in {args.out}/results.csv")
     return rows
 
 
 def main(argv=None):
     parser = get_parser()
-    return supsup.run_or_exit(run, resolve(parser.parse_args(argv), parser), "run_gn.py")
+    return harness.run_or_exit(run, harness.parse(parser, argv, resolve), "run_gn.py")
+
 
 if __name__ == "__main__":
     main()

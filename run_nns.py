@@ -17,16 +17,18 @@ import time
 import torch
 
 import data
+import harness
+import nets
 import run_gn
 import supsup
+from harness import positive_float, positive_int
 from nets import NETS
-from supsup import positive_float, positive_int
 
 COLUMNS = run_gn.COLUMNS + ["masks"]
 
 
 def get_parser():
-    p = supsup.Parser(description="SupSup NNs: PermutedMNIST with no task identity.")
+    p = harness.Parser(description="SupSup NNs: PermutedMNIST with no task identity.")
     p.add_argument("--tasks", type=positive_int, default=2500,
                    help="permutations in the stream (the model is never told)")
     p.add_argument("--model", choices=sorted(run_gn.OUTPUT_SIZE), default="lenet",
@@ -47,10 +49,10 @@ def get_parser():
                    help="at least this many candidate masks (untrained ones fill up)")
     p.add_argument("--budget", type=positive_int, default=2500,
                    help="most masks; past it, batches that ask for a new mask are skipped")
-    p.add_argument("--eval-at", type=supsup.int_list, default=[10, 500, 1000, 1500, 2000],
+    p.add_argument("--eval-at", type=harness.int_list, default=[10, 500, 1000, 1500, 2000],
                    help="evaluate after these many tasks of the stream (comma list); after "
                         "the last always")
-    supsup.add_common_args(p)
+    harness.add_common_args(p)
     return p
 
 
@@ -125,33 +127,34 @@ def choose(masks, x, allocated, args):
     return best, False
 
 
+KEYS = ("args", "task", "allocated", "allocations", "trained", "rows", "seconds", "drawn",
+        "files")
+OUTPUTS = ("results.csv", "allocations.csv")
+
+
 def run(args):
-    ckpt = supsup.open_run(args.out, vars(args), results="results.csv")
-    device = supsup.get_device(args.device)
-    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    device = harness.get_device(args.device)
     slots = max(args.budget, args.floor)  # the masks allocated and the untrained candidates
+    weights, _ = nets.mlp_weights(args.model, args.output_size)
+    harness.ensure_fits(slots * (weights // 8 + 4 * weights), device,
+                        f"the masks and scores of --budget {args.budget} on {args.model} with "
+                        f"--output-size {args.output_size}")
+    state = harness.open_run(args.out, vars(args), device, KEYS, OUTPUTS)
+    if state:
+        write_outputs(args.out, state)
+        if state["task"] == args.tasks:
+            print(summary(state, args) + f"  (finished; {args.out}/results.csv)")
+            return state["rows"]
+    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
     model = NETS[args.model](args.output_size, slots, args.seed).to(device)
     masks = Masks(model, args.seed)
-    state = dict(task=0, allocated=0, allocations=[], trained={}, rows=[], seconds=0.0,
-                 drawn=0, files={})  # files: mask -> its scores' file, as last trained
-    if ckpt:
-        state = ckpt["state"]
+    if state:
         masks.ensure(state["drawn"])
-        with torch.no_grad():
-            for i, name in state["files"].items():
-                path = os.path.join(args.out, "masks", name)
-                try:
-                    saved = torch.load(path, weights_only=True)
-                except Exception as e:
-                    raise supsup.UserError(f"{path} is unreadable ({type(e).__name__}); delete "
-                                           f"{args.out} to start this run over") from None
-                for s, layer in zip(masks.scores[i], saved):
-                    s.copy_(layer)
-                masks.store(i)
+        for i, (name, digest) in state["files"].items():
+            load_mask(masks, i, os.path.join(args.out, "masks", name), digest, args.out)
         print(f"resuming {args.out} after task {state['task']}")
-    if state["task"] == args.tasks:
-        print(summary(state, args) + f"  (finished; {args.out}/results.csv)")
-        return state["rows"]
+    state = state or dict(args=vars(args), task=0, allocated=0, allocations=[], trained={},
+                          rows=[], seconds=0.0, drawn=0, files={})  # files: mask -> its file
     start = time.time() - state["seconds"]
     for task in range(state["task"], args.tasks):  # the stream, one permutation at a time
         pix = data.permutation(args.seed, task).to(device)
@@ -173,9 +176,11 @@ def run(args):
             losses.append(masks.train(i, batches, opt))
             key = (i, task)
             state["trained"][key] = state["trained"].get(key, 0) + len(batches)
+        loss = sum(losses) / max(len(losses), 1)
+        harness.check_finite(loss, task, "--lr")
         state["task"] = task + 1
         print(f"[NNs] task {task + 1}/{args.tasks}  masks {state['allocated']}  loss "
-              f"{sum(losses) / max(len(losses), 1):.3f}", flush=True)
+              f"{loss:.3f}", flush=True)
         if task + 1 in args.eval_at:
             t1 = time.time()
             masks.candidates(state["allocated"])
@@ -188,30 +193,49 @@ def run(args):
                          bytes=run_gn.mask_bytes(model, state["allocated"]),
                          seconds=round(time.time() - start, 1))
                 state["rows"].append(r)
-            supsup.write_csv(os.path.join(args.out, "results.csv"), state["rows"], COLUMNS)
             print(summary(state, args) + f"  eval {time.time() - t1:.1f}s", flush=True)
-        supsup.write_csv(os.path.join(args.out, "allocations.csv"), state["allocations"],
-                         ["mask", "step", "true_task"])
         state["seconds"], state["drawn"] = time.time() - start, len(masks.scores)
         save_masks(masks, state, task, args)
+        write_outputs(args.out, state)
     print(f"done in {(time.time() - start) / 60:.1f} min; results in {args.out}/results.csv")
     return state["rows"]
 
 
+def write_outputs(out, state):
+    """The CSVs, derived from the checkpoint's state (see run_gn.write_outputs)."""
+    if state["rows"]:
+        harness.write_csv(os.path.join(out, "results.csv"), state["rows"], COLUMNS)
+    harness.write_csv(os.path.join(out, "allocations.csv"), state["allocations"],
+                      ["mask", "step", "true_task"])
+
+
+@torch.no_grad()
+def load_mask(masks, i, path, digest, out):
+    """Mask i's scores from the file its checkpoint names, checked against its digest and the
+    layers' shapes."""
+    saved = harness.load_tensors(path, digest)
+    shapes = [tuple(s.shape) for s in masks.scores[i]]
+    if not isinstance(saved, list) or [tuple(getattr(s, "shape", ())) for s in saved] != shapes:
+        raise harness.UserError(f"{path} is missing, corrupt or not the file the checkpoint "
+                                f"wrote; delete {out} to start this run over")
+    for s, layer in zip(masks.scores[i], saved):
+        s.copy_(layer)
+    masks.store(i)
+
+
 def save_masks(masks, state, task, args):
     """Checkpoint after a task of the stream: the scores of the masks it trained, each in a
-    new file, then ckpt.pt naming every mask's file, then the files it replaced. A crash at any
-    point leaves ckpt.pt and the files it names as they were."""
+    new file, then ckpt.pt naming every mask's file and its digest, then the files it replaced.
+    A kill at any point leaves ckpt.pt and the files it names as they were."""
     out = args.out
     os.makedirs(os.path.join(out, "masks"), exist_ok=True)
     stale = []
     for i in sorted({i for i, t in state["trained"] if t == task}):
         name = f"mask{i}-task{task}.pt"
-        supsup.write_atomic(os.path.join(out, "masks", name), lambda f: torch.save(
-            [s.detach().cpu() for s in masks.scores[i]], f), "wb")
-        stale.append(state["files"].get(i))
-        state["files"][i] = name
-    supsup.save_checkpoint(out, dict(args=vars(args), state=state))
+        digest = harness.save_tensors(os.path.join(out, "masks", name), masks.scores[i])
+        stale.append(state["files"].get(i, (None,))[0])
+        state["files"][i] = (name, digest)
+    harness.save_checkpoint(out, state)
     for name in filter(None, stale):
         os.remove(os.path.join(out, "masks", name))
 
@@ -226,7 +250,7 @@ def summary(state, args):
 
 def main(argv=None):
     parser = get_parser()
-    return supsup.run_or_exit(run, resolve(parser.parse_args(argv), parser), "run_nns.py")
+    return harness.run_or_exit(run, harness.parse(parser, argv, resolve), "run_nns.py")
 
 
 if __name__ == "__main__":

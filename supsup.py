@@ -5,18 +5,11 @@ A network with fixed random weights W learns task t by learning only a binary ma
 given at test time, all masks are superposed, W * sum_i alpha_i M_i (paper Eq. 2), and the task
 is the alpha along which the output entropy falls fastest (paper Eq. 4).
 
-Sections: masks -> layers -> task control -> task inference -> run helpers (errors, CLI, files).
+Sections: masks -> layers -> task control -> task inference -> HopSupSup -> train and test.
 Used by all four scenarios: GG (top-k masks, task given), GNs/GNu (threshold masks, task
 inferred) and NNs (task never given). The layers only hold state; the loops live in run_*.py.
 """
-import argparse
-import ctypes
-import json
 import math
-import os
-import platform
-import sys
-import time
 
 import numpy as np
 import torch
@@ -331,33 +324,19 @@ def finish_task(model):
         m.scores = None
 
 
-def save_banks(path, model, lo):
-    """Write tasks lo..learned-1 of the mask bank into the file at path from record lo on, one
-    record per task (its packed rows of every layer, in layer order), cutting whatever lay
-    there (records of a run that died before its checkpoint). Each task is written once, so a
-    run writes O(tasks) bytes over all its checkpoints, not O(tasks^2) (at 2500 LeNet tasks a
-    whole bank is 98.5 MB)."""
-    records = torch.cat([m.bank[lo:m.num_learned].cpu() for m in masked_layers(model)], 1)
-    with open(path, "r+b" if lo and os.path.exists(path) else "wb") as f:
-        f.seek(lo * records.shape[1])
-        f.truncate()
-        f.write(records.numpy().tobytes())
+def bank_rows(model, lo, hi):
+    """Tasks lo..hi-1 of the mask bank as one uint8 row per task (its packed masks of every
+    layer, in layer order): the records of a run's masks file."""
+    return torch.cat([m.bank[lo:hi] for m in masked_layers(model)], 1)
 
 
 @torch.no_grad()
-def load_banks(path, model, k):
-    """Read the first k tasks' masks from a file written by save_banks."""
+def set_bank_rows(model, rows):
+    """Make rows (bank_rows of tasks 0..k-1) the model's first k learned masks."""
     layers = masked_layers(model)
-    widths = [m.bank.shape[1] for m in layers]
-    need = k * sum(widths)
-    have = os.path.getsize(path) if os.path.exists(path) else 0
-    if have < need:
-        raise UserError(f"{path} holds {have} bytes, less than the {need} of the {k} tasks "
-                        "its checkpoint lists; delete the run folder to start over")
-    records = torch.from_numpy(np.fromfile(path, np.uint8, count=need)).view(k, -1)
-    for m, bank in zip(layers, records.split(widths, 1)):
-        m.bank[:k] = bank.to(m.bank.device)
-        m.num_learned = k
+    for m, bank in zip(layers, rows.split([m.bank.shape[1] for m in layers], 1)):
+        m.bank[:len(rows)] = bank.to(m.bank.device)
+        m.num_learned = len(rows)
 
 
 # -------------------------------------------------------------------------- task inference
@@ -580,25 +559,31 @@ def mlp_step(layers, x, y):
     return F.nll_loss(logp, y), grads
 
 
-def train_steps(model, batches, opt):
+def train_steps(model, batches, opt, accum=1):
     """One optimizer step of cross-entropy per (x, y) batch; returns the mean loss.
 
     x [B, ...] and y [B] for one task, or x [P, B, ...] and y [P, B] for P tasks trained at
     once: their losses are summed, so each task gets the gradient it would get alone. A plain
-    threshold MLP training one task takes mlp_step, the same numbers without autograd."""
+    threshold MLP training one task takes mlp_step, the same numbers without autograd. With
+    accum > 1 each batch goes through in that many parts whose gradients add up to the
+    batch's (less memory for the same step; BatchNorm then sees the parts)."""
     total, n, layers = 0.0, 0, plain_mlp(model)
     for x, y in batches:
         tasks = y.numel() // y.shape[-1]
-        if layers and tasks == 1:
+        if layers and tasks == 1 and accum == 1:
             loss, grads = mlp_step(layers, x, y)
             for m, grad in zip(layers, grads):
                 m.scores.grad = grad
         else:
-            loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten()) * tasks
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, dim = 0.0, y.dim() - 1  # the batch dimension
+            for xs, ys in zip(x.tensor_split(accum, dim), y.tensor_split(accum, dim)):
+                part = F.cross_entropy(model(xs).flatten(0, -2), ys.flatten()) * (
+                    tasks * ys.shape[-1] / y.shape[-1])
+                part.backward()
+                loss = loss + part.detach()
         opt.step()
-        total, n = total + loss.detach() / tasks, n + 1
+        total, n = total + loss / tasks, n + 1
     return float(total) / max(n, 1)
 
 
@@ -606,158 +591,3 @@ def train_steps(model, batches, opt):
 def predict(model, x, chunk=8192):
     """Argmax over all outputs (superfluous ones included: predicting one is an error)."""
     return torch.cat([model(x[i:i + chunk]).argmax(-1) for i in range(0, len(x), chunk)])
-
-
-# ----------------------------------------------------------------------------- run helpers
-
-
-class UserError(Exception):
-    """A problem with the user's input or files: printed as one line, then exit 1."""
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default; a None default means the help text itself names it."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with every default in --help and one-line errors."""
-
-    def __init__(self, **kw):
-        super().__init__(formatter_class=HelpFormatter, **kw)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{s} is not a positive integer")
-    return v
-
-
-def positive_float(s):
-    v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{s} is not a positive number")
-    return v
-
-
-def int_list(s):
-    try:
-        vals = [positive_int(v) for v in s.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a comma list of positive integers")
-    return vals
-
-
-def add_common_args(p):
-    """Flags every run script shares."""
-    p.add_argument("--seed", type=int, default=1, help="seed of W, masks, tasks and batch order")
-    p.add_argument("--data", default="data", help="data folder (downloaded there if missing)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<name from the flags>)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device")
-
-
-def get_device(name):
-    try:
-        device = torch.device(name)
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {name} is not usable here ({str(e).splitlines()[0]}); "
-                        "pass --device cpu")
-    return device
-
-
-def device_name(device):
-    """What the run ran on, for args.json."""
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
-
-
-def keep_freed_memory():
-    """Let glibc keep freed memory for reuse instead of handing it back to the OS at once.
-
-    By default it trims its heap whenever 2 MB lie free at the top, so every training step
-    page-faults its ~1 MB temporaries back in: about 100 faults a step, 10-15% of a lenet step
-    on a 2-core CPU. Linux (glibc) only; a no-op elsewhere."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-1, 1 << 28)  # M_TRIM_THRESHOLD: trim only once 256 MB lie free
-    libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap
-
-
-def run_or_exit(run, args, prog):
-    """A run script's main: run(args) with freed memory kept; a UserError (bad input or
-    files) becomes one line on stderr and exit status 1."""
-    keep_freed_memory()
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-def write_atomic(path, write, mode="w"):
-    """Write a file through a temp file and a rename, so a crash never leaves half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, mode) as f:
-        write(f)
-    os.replace(tmp, path)
-
-
-def write_csv(path, rows, columns):
-    def write(f):
-        f.write(",".join(columns) + "\n")
-        for r in rows:
-            f.write(",".join(str(r[c]) for c in columns) + "\n")
-    write_atomic(path, write)
-
-
-def open_run(out, args, results, volatile=("data", "device", "out")):
-    """Make the run folder; return its checkpoint if one exists and was made with these args.
-
-    args is the dict of arguments that define the run; keys in `volatile` may change on resume.
-    A folder that holds `results` but no checkpoint is refused rather than overwritten.
-    """
-    try:
-        os.makedirs(out, exist_ok=True)
-        write_atomic(os.path.join(out, ".write-test"), lambda f: None)
-        os.remove(os.path.join(out, ".write-test"))
-    except OSError as e:
-        raise UserError(f"cannot write to the run folder {out} ({e.strerror}); "
-                        "pass a writable --out DIR")
-    path = os.path.join(out, "ckpt.pt")
-    if not os.path.exists(path):
-        if os.path.exists(os.path.join(out, results)):
-            raise UserError(f"{out} has {results} but no ckpt.pt to resume from; pass another "
-                            "--out (or delete the folder to start over)")
-        env = dict(torch=torch.__version__, device_name=device_name(args.get("device", "cpu")),
-                   started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_atomic(os.path.join(out, "args.json"),
-                     lambda f: json.dump({**args, **env}, f, indent=1))
-        return None
-    try:
-        ckpt = torch.load(path, weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
-                        "delete it to start this run over") from None
-    old = ckpt["args"]
-    diff = [k for k in sorted(set(old) | set(args))
-            if k not in volatile and old.get(k) != args.get(k)]
-    if diff:
-        changes = ", ".join(f"{k}: {old.get(k)} -> {args.get(k)}" for k in diff)
-        raise UserError(f"{out} holds a run with other arguments ({changes}); rerun with the "
-                        "same flags to resume, or pass another --out")
-    return ckpt
-
-
-def save_checkpoint(out, state):
-    write_atomic(os.path.join(out, "ckpt.pt"), lambda f: torch.save(state, f), "wb")

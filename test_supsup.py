@@ -1,24 +1,19 @@
 """Tests: each checks SupSup against a hand-computed reference or a property the paper relies on.
 
-    python -m pytest -q test_supsup.py   # CPU, no network beyond 127.0.0.1
+    python -m pytest -q                  # every test file; CPU, no network beyond 127.0.0.1
 
 Real-MNIST checks use the idx files in $MNIST_DIR (default ../shared/data/mnist) and are
 skipped, with the reason, when they are not there. Everything else writes small files itself.
 """
 import argparse
 import csv
-import functools
-import gzip
-import hashlib
-import http.server
 import inspect
 import json
 import math
 import os
 import pickle
+import shlex
 import subprocess
-import sys
-import threading
 
 import numpy as np
 import pytest
@@ -29,98 +24,14 @@ from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
 import data
+import harness
 import nets
 import run_gg
 import run_gn
 import run_nns
 import supsup
-
-MNIST = os.environ.get("MNIST_DIR", os.path.join(os.path.dirname(__file__), "..", "shared",
-                                                 "data", "mnist"))
-needs_mnist = pytest.mark.skipif(data.find_mnist(MNIST) is None,
-                                 reason=f"real MNIST idx files not found in {MNIST}")
-
-
-def learned_model(net, k, seed=0):
-    """A model whose k stored masks are random (scores drawn, then frozen)."""
-    for _ in range(k):
-        supsup.start_task(net, seed)
-        supsup.finish_task(net)
-    return net
-
-
-def write_idx(path, array, gz=True):
-    """Write an idx file as MNIST ships it (big-endian header, uint8 data)."""
-    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes()
-    raw = header + array.astype(np.uint8).tobytes()
-    with open(path, "wb") as f:
-        f.write(gzip.compress(raw) if gz else raw)
-
-
-def write_fake_mnist(folder, n_train=512, n_test=256, seed=0):
-    """Random digits in the real on-disk format (enough to exercise every code path)."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    for (img, lab), n in zip((data.FILES[:2], data.FILES[2:]), (n_train, n_test)):
-        write_idx(os.path.join(folder, img + ".gz"), rng.integers(0, 256, (n, 28, 28)))
-        write_idx(os.path.join(folder, lab + ".gz"), rng.integers(0, 10, n))
-    return folder
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-class QuietServer(http.server.ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        pass  # torchvision's redirect check drops its connection before reading the file
-
-
-@pytest.fixture
-def mirror(tmp_path, monkeypatch):
-    """A folder served over HTTP on 127.0.0.1, with torchvision's MNIST mirrors and CIFAR-100
-    address pointed at it: no download in the tests leaves this machine."""
-    folder = tmp_path / "mirror"
-    folder.mkdir()
-    server = QuietServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(name, "127.0.0.1")
-    monkeypatch.setattr(datasets.MNIST, "mirrors", [url])
-    monkeypatch.setattr(datasets.CIFAR100, "url", url + "cifar-100-python.tar.gz")
-    yield folder
-    server.shutdown()
-    server.server_close()
-
-
-def md5(path):
-    return hashlib.md5(open(path, "rb").read()).hexdigest()
-
-
-def crash_then_resume(monkeypatch, main, argv, at=1, saved=True):
-    """Run main(argv) until the process dies at its `at`-th checkpoint (just after writing it,
-    or just before with saved=False), then run the same command again; -> its rows."""
-    save, calls = supsup.save_checkpoint, []
-
-    def crash(out, state):
-        calls.append(1)
-        if saved or len(calls) < at:
-            save(out, state)
-        if len(calls) == at:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(supsup, "save_checkpoint", crash)
-    with pytest.raises(KeyboardInterrupt):
-        main(argv)
-    monkeypatch.setattr(supsup, "save_checkpoint", save)
-    return main(argv)
-
-
-def timeless(rows):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in rows]
-
+from conftest import (DEVICE, MNIST, crash_then_resume, learned_model, md5, needs_mnist,
+                      timeless, write_fake_mnist, write_idx)
 
 # ----------------------------------------------------------------------------- masks, layers
 
@@ -411,7 +322,7 @@ def test_cifar100_downloads_into_an_empty_data_folder(tmp_path, monkeypatch, mir
     monkeypatch.setattr(datasets.CIFAR100, "meta", {"filename": "meta", "md5": sums["meta"],
                                                     "key": "fine_label_names"})
     empty = str(tmp_path / "data")
-    rows = run_gg.main(["--data", empty, "--tasks", "1", "--epochs", "1", "--device", "cpu",
+    rows = run_gg.main(["--data", empty, "--tasks", "1", "--epochs", "1", "--device", DEVICE,
                         "--out", str(tmp_path / "run")])
     assert len(rows) == 1 and 0 <= rows[0]["acc"] <= 1
     assert all(torch.equal(a, b) for a, b in zip(data.load_cifar100(empty, "cpu"),
@@ -448,7 +359,7 @@ def test_rotation_equals_pil_rotate():
 
 def small_args(folder, out, *extra):
     return ["--data", folder, "--out", out, "--tasks", "3", "--steps", "15", "--eval-at", "2",
-            "--device", "cpu", *extra]
+            "--device", DEVICE, *extra]
 
 
 def test_defaults_match_the_paper_and_help(capsys):
@@ -505,8 +416,9 @@ def test_run_writes_results_and_resume_equals_uninterrupted(tmp_path, monkeypatc
     net = nets.lenet(100, 3, seed=1)
     assert masks[0] == masks[1] and len(masks[0]) == 3 * sum(
         m.bank.shape[1] for m in supsup.masked_layers(net))
-    with pytest.raises(supsup.UserError, match="less than"):
-        supsup.load_banks(tmp_path / "cut2" / "masks.bin", nets.lenet(100, 4, seed=1), 4)
+    width = sum(m.bank.shape[1] for m in supsup.masked_layers(net))
+    with pytest.raises(harness.UserError, match="less than"):
+        harness.read_records(tmp_path / "cut2" / "masks.bin", width, [0] * 4)
 
 
 def test_gnu_and_gns_scoring_rule(tmp_path, monkeypatch):
@@ -561,17 +473,29 @@ def test_clear_errors_never_lose_results(tmp_path, monkeypatch, capsys, mirror):
     fails(small_args(bad, str(tmp_path / "r3")), data.FILES[0])
     open(tmp_path / "file", "w").close()
     fails(small_args(folder, str(tmp_path / "file" / "run")), "cannot write to the run folder")
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    torch.save({**ckpt, "learned": 2}, os.path.join(out, "ckpt.pt"))
-    open(os.path.join(out, "masks.bin"), "r+b").truncate(10)  # a masks file cut short
+    ckpt, masks = os.path.join(out, "ckpt.pt"), os.path.join(out, "masks.bin")
+    state, good = open(ckpt, "rb").read(), open(masks, "rb").read()
+    learned = harness.load_tensors(ckpt)  # as if killed after task 2: task 3 is to come
+    harness.save_checkpoint(out, {**learned, "learned": 2, "crcs": learned["crcs"][:2]})
+    open(masks, "r+b").truncate(10)  # a masks file cut short
     fails(small_args(folder, out), "masks.bin holds 10 bytes, less than")
-    del ckpt["learned"]
-    torch.save(ckpt, os.path.join(out, "ckpt.pt"))  # as an older run_gn.py wrote it
-    fails(small_args(folder, out), "older run_gn.py")
-    os.remove(os.path.join(out, "ckpt.pt"))
+    third = len(good) // 3
+    open(masks, "wb").write(good[:third] + os.urandom(third) + good[2 * third:])  # right size
+    fails(small_args(folder, out), "records of tasks [1] are not the ones the checkpoint wrote")
+    open(masks, "wb").write(good)
+    for wrong in ({}, [1, 2], {"args": {}}):  # valid torch files, not this script's checkpoint
+        torch.save(wrong, ckpt)
+        fails(small_args(folder, out), "is corrupt or not this script's")
+    harness.save_checkpoint(out, {"args": {}})  # ours, but not run_gn's
+    fails(small_args(folder, out), "is corrupt or not this script's")
+    open(ckpt, "wb").write(state[:len(state) // 2])
+    fails(small_args(folder, out), "is corrupt or not this script's")
+    open(ckpt, "wb").write(state)
+    os.remove(os.path.join(out, "results.csv"))  # derived from the checkpoint: comes back
+    run_gn.main(small_args(folder, out))
+    assert open(os.path.join(out, "results.csv")).read() == before
+    os.remove(ckpt)
     fails(small_args(folder, out), "has results.csv but no ckpt.pt")
-    open(os.path.join(out, "ckpt.pt"), "w").write("garbage")
-    fails(small_args(folder, out), "unreadable")
 
 
 # ------------------------------------------------------------------------------------- GG
@@ -608,16 +532,17 @@ def test_cifar100_pickles_split_and_errors(tmp_path):
     assert torch.equal(split[2][y], ty[torch.isin(ty, split[2])])  # label = position in task
     with open(os.path.join(root, "cifar-100-python", "test"), "wb") as f:
         f.write(b"not a pickle")
-    with pytest.raises(supsup.UserError, match="not a CIFAR-100 python pickle"):
+    with pytest.raises(harness.UserError, match="not a CIFAR-100 python pickle"):
         data.load_cifar100(root, "cpu")
 
 
 def test_crop_flip_equals_per_image_crop_and_flip():
     x = torch.randn(6, 3, 8, 8)
-    out = data.crop_flip(x, torch.Generator().manual_seed(0), pad=2, fill=[1.0, 2.0, 3.0])
-    g = torch.Generator().manual_seed(0)
-    top, left = torch.randint(0, 5, (2, 6), generator=g)
-    flip = torch.rand(6, generator=g) < 0.5
+    top, left, flip = data.crop_flip_draws(6, torch.Generator().manual_seed(0), "cpu", pad=2)
+    out = data.crop_flip(x, top, left, flip, pad=2, fill=[1.0, 2.0, 3.0])
+    g = torch.Generator().manual_seed(0)  # the draws: offsets in 0..2 pad, then the coins
+    assert torch.equal(torch.stack([top, left]), torch.randint(0, 5, (2, 6), generator=g))
+    assert torch.equal(flip, torch.rand(6, generator=g) < 0.5) and flip.any() and not flip.all()
     for i in range(6):
         padded = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1).repeat(1, 12, 12)
         padded[:, 2:10, 2:10] = x[i]
@@ -629,7 +554,7 @@ def test_crop_flip_equals_per_image_crop_and_flip():
 def test_gg_zero_forgetting_bit_for_bit_and_per_task_batchnorm(tmp_path, method):
     root = data.synthetic_cifar100(str(tmp_path))
     argv = ["--data", root, "--tasks", "3", "--epochs", "2", "--method", method,
-            "--sparsity", "32", "--device", "cpu"]
+            "--sparsity", "32", "--device", DEVICE]
     rows = run_gg.main(argv + ["--out", str(tmp_path / "run")])  # the whole pipeline
     assert {r["task"]: r["acc"] for r in rows if r["num_learned"] == r["task"] + 1} == \
         {r["task"]: r["acc"] for r in rows if r["num_learned"] == 3}
@@ -669,7 +594,7 @@ def test_gg_resume_equals_uninterrupted_and_missing_data(tmp_path, monkeypatch, 
                                                          mirror):
     root = data.synthetic_cifar100(str(tmp_path))
     argv = ["--data", root, "--tasks", "2", "--epochs", "1", "--method", "supsup-transfer",
-            "--sparsity", "16", "--device", "cpu", "--out"]
+            "--sparsity", "16", "--device", DEVICE, "--out"]
     full = run_gg.main(argv + [str(tmp_path / "full")])
     resumed = crash_then_resume(monkeypatch, run_gg.main, argv + [str(tmp_path / "cut")])
     assert timeless(resumed) == timeless(full)
@@ -683,7 +608,7 @@ def test_gg_resume_equals_uninterrupted_and_missing_data(tmp_path, monkeypatch, 
 def test_gg_task_runs_merge_into_the_full_table(tmp_path, capsys):
     root = data.synthetic_cifar100(str(tmp_path))
     argv = ["--data", root, "--tasks", "3", "--epochs", "1", "--sparsity", "4", "--device",
-            "cpu", "--out"]
+            DEVICE, "--out"]
     full = run_gg.main(argv + [str(tmp_path / "full")])
     for i in (2, 0):
         assert run_gg.main(argv + [str(tmp_path / "split"), "--task", str(i)]) == []
@@ -785,7 +710,7 @@ def gemresnet18_bn_channels():
 def test_gg_baselines_run_store_and_forget_as_designed(tmp_path, method):
     root = data.synthetic_cifar100(str(tmp_path))
     argv = ["--data", root, "--tasks", "2", "--epochs", "1", "--method", method,
-            "--device", "cpu", "--out", str(tmp_path / "run")]
+            "--device", DEVICE, "--out", str(tmp_path / "run")]
     rows = run_gg.main(argv)
     assert [(r["num_learned"], r["task"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
     assert all(r["bytes"] == r["paper_bytes"] and r["density"] == 1.0 for r in rows)
@@ -918,7 +843,7 @@ def test_bad_images_and_folders_one_line_errors(tmp_path):
     images = data.ImageFolder(root, False, size=IMAGE_SIZE)
     for path, c, workers in ((bad, 4, 2), (cut, 5, 0)):
         loader = data.task_loader(images, torch.tensor([c]), False, 2, workers)
-        with pytest.raises(supsup.UserError, match="delete or replace it") as e:
+        with pytest.raises(harness.UserError, match="delete or replace it") as e:
             list(data.normalized_batches(loader, "cpu"))
         assert path in str(e.value) and "\n" not in str(e.value)
     flat = tmp_path / "flat"
@@ -928,7 +853,7 @@ def test_bad_images_and_folders_one_line_errors(tmp_path):
     (flat / "n2").mkdir()
     (flat / "n2" / "y.jpg").write_bytes(raw)
     for folder, text in ((tmp_path / "missing", "No such file"), (flat, "n1")):
-        with pytest.raises(supsup.UserError, match="not an ImageFolder split.*--data") as e:
+        with pytest.raises(harness.UserError, match="not an ImageFolder split.*--data") as e:
             data.ImageFolder(str(folder), True)
         assert text in str(e.value) and "\n" not in str(e.value)
 
@@ -946,7 +871,7 @@ def test_imagenet_split_is_fixed():
 def test_gg_splitimagenet_runs_on_an_image_folder_tree(tmp_path):
     data.synthetic_imagefolder(str(tmp_path))
     argv = ["--dataset", "splitimagenet", "--data", str(tmp_path), "--tasks", "2", "--epochs",
-            "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--sparsity", "4",
+            "1", "--batch-size", "8", "--workers", "0", "--device", DEVICE, "--sparsity", "4",
             "--out", str(tmp_path / "run")]
     rows = run_gg.main(argv)
     assert [(r["model"], r["num_learned"], r["task"]) for r in rows] == [
@@ -959,20 +884,20 @@ def test_gg_splitimagenet_runs_on_an_image_folder_tree(tmp_path):
     p = run_gg.get_parser()
     args = run_gg.resolve(p.parse_args(argv), p)
     assert (args.epochs, args.warmup, args.lr, args.wd) == (1, 5, 1e-3, 0)  # the paper's
-    with pytest.raises(supsup.UserError, match="3 tasks need 10 each"):
+    with pytest.raises(harness.UserError, match="3 tasks need 10 each"):
         run_gg.FolderTasks(run_gg.resolve(p.parse_args(argv + ["--tasks", "3"]), p), "cpu")
 
 
 def test_gg_parallel_tasks_match_sequential_and_bf16_channels_last_run(tmp_path):
     root = data.synthetic_cifar100(str(tmp_path))
     argv = ["--data", root, "--tasks", "3", "--epochs", "2", "--sparsity", "32", "--device",
-            "cpu", "--out"]
+            DEVICE, "--out"]
     seq = run_gg.main(argv + [str(tmp_path / "seq")])
     par = run_gg.main(argv + [str(tmp_path / "par"), "--parallel", "2"])  # tasks 0-1, then 2
     assert [(r["num_learned"], r["task"]) for r in par] == [(r["num_learned"], r["task"])
                                                             for r in seq]
     assert all(abs(a["acc"] - b["acc"]) <= 0.002 for a, b in zip(seq, par))
-    state = [torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"]
+    state = [harness.load_tensors(tmp_path / d / "ckpt.pt")["model"]
              for d in ("seq", "par")]
     for k, v in state[0].items():
         if k.endswith("bank"):  # each task's stored mask, as learned alone
@@ -1017,7 +942,7 @@ def test_nns_new_task_rule_allocates_for_new_data_only():
 def test_nns_resume_equals_uninterrupted(tmp_path, monkeypatch, saved):
     folder = write_fake_mnist(str(tmp_path / "mnist"))
     argv = ["--data", folder, "--tasks", "3", "--steps", "20", "--check-every", "10",
-            "--output-size", "20", "--eval-at", "2", "--device", "cpu", "--out"]
+            "--output-size", "20", "--eval-at", "2", "--device", DEVICE, "--out"]
     full = run_nns.main(argv + [str(tmp_path / "full")])
     assert [r["num_learned"] for r in full] == [2, 2, 3, 3, 3]
     assert all(r["masks"] >= 1 and r["scenario"] == "NNs" for r in full)
@@ -1031,8 +956,8 @@ def test_nns_resume_equals_uninterrupted(tmp_path, monkeypatch, saved):
         assert lines[0][0] == lines[1][0] and len(lines[0]) == len(lines[1])
     assert open(tmp_path / "full" / "allocations.csv").read() == \
         open(tmp_path / "cut" / "allocations.csv").read()
-    files = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["state"]["files"]
-    assert sorted(os.listdir(tmp_path / "cut" / "masks")) == sorted(files.values())
+    files = harness.load_tensors(tmp_path / "cut" / "ckpt.pt")["files"]
+    assert sorted(os.listdir(tmp_path / "cut" / "masks")) == sorted(n for n, _ in files.values())
     with pytest.raises(SystemExit):  # windows must tile the task
         run_nns.main(argv + [str(tmp_path / "bad"), "--check-every", "7"])
     capped = run_nns.main(argv + [str(tmp_path / "capped"), "--budget", "1"])
@@ -1076,7 +1001,7 @@ def test_hopfield_storkey_rule_and_recall_from_corrupted_cues():
 @needs_mnist
 def test_hopsupsup_recovers_every_mask_exactly_on_splitmnist(tmp_path):
     rows = run_gn.main(["--dataset", "splitmnist", "--model", "bnnet", "--infer", "hopfield",
-                        "--tasks", "3", "--steps", "30", "--data", MNIST, "--device", "cpu",
+                        "--tasks", "3", "--steps", "30", "--data", MNIST, "--device", DEVICE,
                         "--out", str(tmp_path / "hop")])
     assert [r["task"] for r in rows] == [0, 1, 2]
     for r in rows:  # the recovered masks are the stored ones, so the accuracy is the same
@@ -1177,34 +1102,59 @@ def test_oneshot_batche_infers_tasks_and_method_flags(tmp_path, capsys):
 # ------------------------------------------------------------------- run_all.sh, plot.py
 
 
-def run_all(**env):
+def run_all(timeout=60, **env):
     out = subprocess.run(["bash", os.path.join(os.path.dirname(__file__), "run_all.sh")],
-                         env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+                         env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=timeout)
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()
 
 
-def test_run_all_lists_every_figure_with_valid_flags():
+def test_run_all_lists_every_figure_with_valid_flags(tmp_path):
     scripts = {"run_gg.py": run_gg, "run_gn.py": run_gn, "run_nns.py": run_nns}
     for quick in ("0", "1"):
-        lines = run_all(LIST="1", QUICK=quick, SEEDS="3")
-        names = {line.split("--out ")[1].split("/")[-1] for line in lines}
+        lines = run_all(LIST="1", QUICK=quick, SEEDS="3", DATA="my data", OUT="my runs")
+        names = {shlex.split(line)[-1].split("/")[-1] for line in lines}
         for fig in ("fig2-splitcifar100", "fig2-splitimagenet", "fig3-permuted-lenet",
                     "fig3-permuted-fc1024", "fig4-gnu2500", "fig4-nns", "fig5-rotated",
                     "fig5-oneshot-batche", "fig6-lenet", "fig6-fc1024", "fig7-hopsupsup"):
             assert any(n.startswith(fig) for n in names), fig
         assert len(names) == len(lines)  # every run has its own folder
         for line in lines:  # each command's flags parse and pass the script's checks
-            argv = line.split()
+            argv = shlex.split(line)  # (quoted: the folders have spaces)
             assert argv[0] == "python" and argv[1] in scripts
+            assert argv[argv.index("--out") + 1].startswith("my runs/")
             module = scripts[argv[1]]
             p = module.get_parser()
             module.resolve(p.parse_args(argv[2:]), p)
     only = run_all(LIST="1", SEEDS="1", ONLY="lenet-(batche|psp)")
     assert [line.split("/")[-1] for line in only] == ["fig3-permuted-lenet-batche-seed1",
                                                       "fig3-permuted-lenet-psp-seed1"]
-    lanes = run_all(DRY_RUN="1", GPUS="0,1,2,3", SEEDS="1")
-    assert {line.split("]")[0] for line in lanes} == {"[lane 0", "[lane 1", "[lane 2", "[lane 3"}
+    out = tmp_path / "o u t"
+    lanes = run_all(DRY_RUN="1", GPUS="0,1,2,3", SEEDS="1", OUT=str(out))
+    assert lanes[0] == "[lanes 0 1 2 3] each takes the next run of the queue:"
+    assert all(line.startswith("[queue] python ") for line in lanes[1:])
+    assert not out.exists()  # a dry run creates nothing
+
+
+def test_run_all_lanes_share_one_queue_and_quote_their_folders(tmp_path):
+    folder = write_fake_mnist(str(tmp_path / "my data"))
+    out = tmp_path / "my runs"
+    os.makedirs(out / "fig3-permuted-lenet-psp-seed1")
+    (out / "fig3-permuted-lenet-psp-seed1" / ".done").touch()  # finished: skipped
+    (out / ".failed").write_text("an older failure\n")
+    lines = run_all(timeout=300, QUICK="1", SEEDS="1", GPUS="0,1", DATA=folder, OUT=str(out),
+                    ONLY="fig3-permuted-lenet-(batche|psp|upper-bound|lower-bound)")
+    assert lines[0] == f"mnist: ready in {folder}" and lines[-1].startswith("all 4 runs done")
+    taken = sorted(line.split("] ")[1] for line in lines[1:-1])
+    assert taken == ["fig3-permuted-lenet-batche-seed1", "fig3-permuted-lenet-lower-bound-seed1",
+                     "fig3-permuted-lenet-upper-bound-seed1"]  # once each, psp skipped
+    assert {line.split("]")[0] for line in lines[1:-1]} == {"[lane 0", "[lane 1"}
+    for name in taken:
+        assert (out / name / ".done").exists() and (out / name / "results.csv").exists()
+        assert "learned 3" in (out / name / "log.txt").read_text()
+    assert sorted(os.listdir(out)) == sorted(  # no queue left, the old failure list gone
+        taken + ["fig3-permuted-lenet-psp-seed1", "synthetic"])
 
 
 def test_plot_draws_every_figure_and_the_table(tmp_path):

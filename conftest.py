@@ -1,0 +1,106 @@
+"""What the test files share: real MNIST when present, small files in the real formats, a
+local download mirror, and runs killed at chosen moments.
+
+SUPSUP_TEST_DEVICE=cuda python -m pytest -q   runs the runs of the tests on that device.
+"""
+import functools
+import gzip
+import hashlib
+import http.server
+import os
+import threading
+
+import numpy as np
+import pytest
+from torchvision import datasets
+
+import data
+import harness
+import supsup
+
+DEVICE = os.environ.get("SUPSUP_TEST_DEVICE", "cpu")  # where the tests' runs run
+MNIST = os.environ.get("MNIST_DIR", os.path.join(os.path.dirname(__file__), "..", "shared",
+                                                 "data", "mnist"))
+needs_mnist = pytest.mark.skipif(data.find_mnist(MNIST) is None,
+                                 reason=f"real MNIST idx files not found in {MNIST}")
+
+
+def learned_model(net, k, seed=0):
+    """A model whose k stored masks are random (scores drawn, then frozen)."""
+    for _ in range(k):
+        supsup.start_task(net, seed)
+        supsup.finish_task(net)
+    return net
+
+
+def write_idx(path, array, gz=True):
+    """Write an idx file as MNIST ships it (big-endian header, uint8 data)."""
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    raw = header + array.astype(np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(raw) if gz else raw)
+
+
+def write_fake_mnist(folder, n_train=512, n_test=256, seed=0):
+    """Random digits in the real on-disk format (enough to exercise every code path)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for (img, lab), n in zip((data.FILES[:2], data.FILES[2:]), (n_train, n_test)):
+        write_idx(os.path.join(folder, img + ".gz"), rng.integers(0, 256, (n, 28, 28)))
+        write_idx(os.path.join(folder, lab + ".gz"), rng.integers(0, 10, n))
+    return folder
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # torchvision's redirect check drops its connection before reading the file
+
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    """A folder served over HTTP on 127.0.0.1, with torchvision's MNIST mirrors and CIFAR-100
+    address pointed at it: no download in the tests leaves this machine."""
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    server = QuietServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1")
+    monkeypatch.setattr(datasets.MNIST, "mirrors", [url])
+    monkeypatch.setattr(datasets.CIFAR100, "url", url + "cifar-100-python.tar.gz")
+    yield folder
+    server.shutdown()
+    server.server_close()
+
+
+def md5(path):
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+def crash_then_resume(monkeypatch, main, argv, at=1, saved=True):
+    """Run main(argv) until the process dies at its `at`-th checkpoint (just after writing it,
+    or just before with saved=False), then run the same command again; -> its rows."""
+    save, calls = harness.save_checkpoint, []
+
+    def crash(out, state):
+        calls.append(1)
+        if saved or len(calls) < at:
+            save(out, state)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.setattr(harness, "save_checkpoint", save)
+    return main(argv)
+
+
+def timeless(rows):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in rows]

@@ -1,0 +1,338 @@
+"""Run plumbing the run scripts share: one-line errors, flags and their checks, the device, the
+run folder, and files written so that a kill at any moment loses nothing.
+
+The write protocol. Every file goes through write_atomic (a temp file, then a rename), except
+the mask bank, which only ever appends records whose CRC32s the checkpoint keeps. A run saves
+its checkpoint first and derives its CSVs from it afterwards, and rewrites them whenever it
+opens the folder again; so a kill between any two writes, followed by the same command, gives
+the files of an uninterrupted run. Checkpoints carry a SHA-256 of their content, their tensors
+live on the CPU (a run moves between devices), and a folder is resumed only by a command that
+defines the same run.
+"""
+import argparse
+import ctypes
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+import zlib
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input or files: printed as one line, then exit 1."""
+
+
+# --------------------------------------------------------------------------------- flags
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default; a None default means the help text itself names it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with every default in --help and one-line errors."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, **kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, s, ok, what):
+    try:
+        v = kind(s)
+    except (ValueError, OverflowError):
+        v = None
+    if v is None or not ok(v):
+        raise argparse.ArgumentTypeError(f"{s} is not {what}")
+    return v
+
+
+def positive_int(s):
+    return _number(int, s, lambda v: v > 0, "a positive integer")
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the runs compute in float32
+
+
+def positive_float(s):
+    return _number(float, s, lambda v: 0 < v <= FLOAT32_MAX, "a positive float32 number")
+
+
+def non_negative_int(s):
+    return _number(int, s, lambda v: v >= 0, "a non-negative integer")
+
+
+def non_negative_float(s):
+    return _number(float, s, lambda v: 0 <= v <= FLOAT32_MAX, "a non-negative float32 number")
+
+
+def seed(s):
+    return _number(int, s, lambda v: 0 <= v < 2**63, "a seed in 0..2^63-1")
+
+
+def int_list(s):
+    try:
+        return [positive_int(v) for v in s.split(",") if v]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma list of positive integers")
+
+
+def add_common_args(p):
+    """Flags every run script shares."""
+    p.add_argument("--seed", type=seed, default=1, help="seed of W, masks, tasks and batch order")
+    p.add_argument("--data", default="data", help="data folder (downloaded there if missing)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<name from the flags>)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda or cuda:N")
+
+
+def parse(parser, argv, resolve):
+    """Parse argv and fill what depends on other flags (resolve); args.given lists the flags
+    that differ from their defaults (the resume check tells a new flag at its default from a
+    changed run by it)."""
+    args = parser.parse_args(argv)
+    args.given = sorted(k for k, v in vars(args).items() if v != parser.get_default(k))
+    return resolve(args, parser)
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def get_device(name):
+    """The torch device `name`, checked before anything is written."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--device {name} is not a device ({str(e).splitlines()[0]}); pass "
+                        "--device cpu or cuda") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: runs need a device with memory (cpu, cuda or mps)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA device(s); pass "
+                            + ("--device cpu" if not count else f"one of cuda:0..{count - 1}"))
+    try:
+        torch.empty(1, device=device)
+    except Exception as e:
+        raise UserError(f"--device {name} is not usable here ({str(e).splitlines()[0]}); "
+                        "pass --device cpu") from None
+    return device
+
+
+def device_name(device):
+    """What the run ran on, for args.json."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def ensure_fits(nbytes, device, what):
+    """Refuse, before allocating, what cannot fit in the device's memory at all."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    elif device.type == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if nbytes > total:
+        raise UserError(f"{what} would take {nbytes / 2**30:,.1f} GiB, more than the "
+                        f"{total / 2**30:,.1f} GiB of memory of {device}")
+
+
+def check_finite(loss, task, flag):
+    """Stop a run whose training diverged, before it saves the diverged task."""
+    if not math.isfinite(loss):
+        raise UserError(f"training diverged on task {task + 1} (loss {loss}); the tasks before it "
+                        f"are saved; try a lower {flag} in another --out")
+
+
+def keep_freed_memory():
+    """Let glibc keep freed memory for reuse instead of handing it back to the OS at once.
+
+    By default it trims its heap whenever 2 MB lie free at the top, so every training step
+    page-faults its ~1 MB temporaries back in: 10-15% of a lenet step on a 2-core CPU. Linux
+    (glibc) only; a no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-1, 1 << 28)  # M_TRIM_THRESHOLD: trim only once 256 MB lie free
+    libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap
+
+
+def run_or_exit(run, args, prog):
+    """A run script's main: run(args) with freed memory kept; a UserError (bad input or
+    files) becomes one line on stderr and exit status 1."""
+    keep_freed_memory()
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------- files
+
+
+def write_atomic(path, write, mode="w"):
+    """Write a file through a temp file and a rename, so a crash never leaves half a file;
+    a full disk or a lost folder is one line, and the old file stays as it was."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path} ({e.strerror or e}); make room or pass another "
+                        "--out, then rerun the same command: it resumes") from None
+
+
+def write_csv(path, rows, columns):
+    def write(f):
+        f.write(",".join(columns) + "\n")
+        for r in rows:
+            f.write(",".join(str(r[c]) for c in columns) + "\n")
+    write_atomic(path, write)
+
+
+def cpu(obj):
+    """obj with every tensor in it moved to the CPU (so a checkpoint loads on any device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu(v) for v in obj)
+    return obj
+
+
+def save_tensors(path, obj):
+    """torch.save obj's CPU copy to path, atomically, with a SHA-256 of its bytes inside;
+    -> that digest."""
+    buf = io.BytesIO()
+    torch.save(cpu(obj), buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest()
+    blob = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    write_atomic(path, lambda f: torch.save({"sha256": digest, "payload": blob}, f), "wb")
+    return digest
+
+
+def load_tensors(path, digest=None):
+    """What save_tensors wrote (tensors on the CPU), or None if the file is not that: missing,
+    cut short, altered, or another file (its digest is not `digest`, when given)."""
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        payload = saved["payload"].numpy().tobytes()
+        if hashlib.sha256(payload).hexdigest() != saved["sha256"] or \
+                digest not in (None, saved["sha256"]):
+            return None
+        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    except Exception:  # not a torch file, not our layout, unreadable
+        return None
+
+
+def append_records(path, lo, records):
+    """Write uint8 records [n, width] into the file at path from record lo on, cutting what lay
+    beyond (records of a run that died before its checkpoint); -> their CRC32s, which the
+    checkpoint keeps. Each record is written once: O(tasks) bytes over a run."""
+    records = records.cpu()
+    try:
+        with open(path, "r+b" if lo and os.path.exists(path) else "wb") as f:
+            f.seek(lo * records.shape[1])
+            f.truncate()
+            f.write(records.numpy().tobytes())
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); make room or pass another "
+                        "--out, then rerun the same command: it resumes") from None
+    return [zlib.crc32(r.numpy().tobytes()) for r in records]
+
+
+def read_records(path, width, crcs):
+    """The first len(crcs) records of `width` bytes that append_records wrote, checked against
+    their CRC32s -> uint8 [len(crcs), width]."""
+    need = len(crcs) * width
+    have = os.path.getsize(path) if os.path.exists(path) else 0
+    if have < need:
+        raise UserError(f"{path} holds {have} bytes, less than the {need} of the {len(crcs)} "
+                        "tasks its checkpoint lists; delete the run folder to start over")
+    records = torch.from_numpy(np.fromfile(path, np.uint8, count=need))
+    records = records.view(len(crcs), width)
+    bad = [i for i, (r, c) in enumerate(zip(records, crcs)) if zlib.crc32(r.numpy().tobytes()) != c]
+    if bad:
+        raise UserError(f"{path}: the records of tasks {bad[:5]}{' ...' if len(bad) > 5 else ''} "
+                        "are not the ones the checkpoint wrote; delete the run folder to start over")
+    return records
+
+
+# ---------------------------------------------------------------------------- run folders
+
+VOLATILE = ("data", "device", "out", "workers", "given")  # may change when a run resumes
+
+
+def same_run(old, new, volatile=VOLATILE):
+    """The differences between two argument dicts that matter for resuming: a key only one
+    side has (a flag added or removed since) counts only if that side gave it explicitly."""
+    diff = []
+    for k in sorted(set(old) | set(new)):
+        if k in volatile:
+            continue
+        if k in old and k in new:
+            if old[k] != new[k]:
+                diff.append(f"{k}: {old[k]} -> {new[k]}")
+        elif k in new.get("given", []) or k in old.get("given", []):
+            diff.append(f"{k}: {old.get(k, '(no such flag)')} -> {new.get(k, '(no such flag)')}")
+    return diff
+
+
+def open_run(out, args, device, keys=("args",), outputs=("results.csv",)):
+    """Make the run folder; -> the state of its checkpoint if it holds one of these arguments
+    (None for a new run). A folder with outputs but no checkpoint is refused, never
+    overwritten; so are a checkpoint that is not this script's and one of another run."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".write-test"), "w"):
+            pass
+        os.remove(os.path.join(out, ".write-test"))
+    except OSError as e:
+        raise UserError(f"cannot write to the run folder {out} ({e.strerror or e}); pass a "
+                        "writable --out DIR") from None
+    path = os.path.join(out, "ckpt.pt")
+    if not os.path.exists(path):
+        found = [f for f in outputs if os.path.exists(os.path.join(out, f))]
+        if found:
+            raise UserError(f"{out} has {found[0]} but no ckpt.pt to resume from; pass another "
+                            "--out (or delete the folder to start over)")
+        env = dict(torch=torch.__version__, device_name=device_name(device),
+                   started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_atomic(os.path.join(out, "args.json"),
+                     lambda f: json.dump({**args, **env}, f, indent=1))
+        return None
+    state = load_tensors(path)
+    if not isinstance(state, dict) or not all(k in state for k in keys):
+        raise UserError(f"checkpoint {path} is corrupt or not this script's; delete the run "
+                        "folder to start this run over, or pass another --out")
+    diff = same_run(state["args"], args)
+    if diff:
+        raise UserError(f"{out} holds a run with other arguments ({', '.join(diff)}); rerun "
+                        "with the same flags to resume, or pass another --out")
+    return state
+
+
+def save_checkpoint(out, state):
+    save_tensors(os.path.join(out, "ckpt.pt"), state)
