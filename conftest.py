@@ -104,3 +104,7 @@ def crash_then_resume(monkeypatch, main, argv, at=1, saved=True):
 
 def timeless(rows):
     return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in rows]
+
+def small_args(folder, out, *extra):
+    return ["--data", folder, "--out", out, "--tasks", "3", "--steps", "15", "--eval-at", "2",
+            "--device", DEVICE, *extra]

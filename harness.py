@@ -24,6 +24,8 @@ import zlib
 import numpy as np
 import torch
 
+import supsup
+
 
 class UserError(Exception):
     """A problem with the user's input or files: printed as one line, then exit 1."""
@@ -184,6 +186,18 @@ def run_or_exit(run, args, prog):
         sys.exit(1)
 
 
+def fetch_main(argv, name, load, prog):
+    """A data module's main: load(--data, "cpu") fetches the data set if it is missing and
+    checks that it reads."""
+    p = Parser(description=f"Fetch {name} into --data if missing, and check that it reads.")
+    p.add_argument("--data", default="data", help="data folder")
+
+    def fetch(args):
+        load(args.data, "cpu")
+        print(f"{name}: ready in {args.data}", flush=True)
+    return run_or_exit(fetch, p.parse_args(argv), prog)
+
+
 # ------------------------------------------------------------------------------- files
 
 
@@ -280,6 +294,24 @@ def read_records(path, width, crcs):
     return records
 
 
+def append_masks(path, model, lo, hi):
+    """Write tasks lo..hi-1 of the model's mask bank into the masks file at path, one record
+    per task (its packed masks of every layer, in layer order); -> their CRC32s."""
+    return append_records(path, lo, torch.cat([m.bank[lo:hi] for m in
+                                               supsup.masked_layers(model)], 1))
+
+
+@torch.no_grad()
+def read_masks(path, model, crcs):
+    """Make the first len(crcs) records of the masks file the model's learned masks."""
+    layers = supsup.masked_layers(model)
+    widths = [m.bank.shape[1] for m in layers]
+    rows = read_records(path, sum(widths), crcs)
+    for m, bank in zip(layers, rows.split(widths, 1)):
+        m.bank[:len(rows)] = bank.to(m.bank.device)
+        m.num_learned = len(rows)
+
+
 # ---------------------------------------------------------------------------- run folders
 
 VOLATILE = ("data", "device", "out", "workers", "given")  # may change when a run resumes
@@ -336,3 +368,38 @@ def open_run(out, args, device, keys=("args",), outputs=("results.csv",)):
 
 def save_checkpoint(out, state):
     save_tensors(os.path.join(out, "ckpt.pt"), state)
+
+
+def run_tasks(args, device, setup, write, summary, keys=(), outputs=("results.csv",),
+              total=None, out=None, start=None):
+    """The run-and-resume loop of every script, with one checkpoint layout: a dict holding
+    the arguments, `learned` (tasks done), `rows`, `seconds` and the script's own `keys`.
+
+    A new run starts from that dict with learned 0 and `start` (the script's initial keys); a
+    folder with a checkpoint resumes from it and first writes its CSVs again (write(state)); a
+    finished one prints summary(state) and returns. Otherwise setup(state), which loads the
+    data and the model, returns a step(state, clock): it learns the next task or tasks, raises
+    learned, may append rows and writes its masks; clock() is the run's seconds so far, across
+    resumes. After each step: the checkpoint, then the CSVs; at the end the summary. -> the
+    final state."""
+    out, total = out or args.out, args.tasks if total is None else total
+    state = open_run(out, vars(args), device, ("args", "learned", "rows", "seconds") + keys,
+                     outputs)
+    if state:
+        write(state)
+        if state["learned"] == total:
+            print(f"{summary(state)}  (finished; {out})")
+            return state
+    state = state or dict(args=vars(args), learned=0, rows=[], seconds=0.0, **(start or {}))
+    step = setup(state)
+    began = time.time() - state["seconds"]
+
+    def clock():
+        return time.time() - began
+    while state["learned"] < total:
+        step(state, clock)
+        state["seconds"] = clock()
+        save_checkpoint(out, state)
+        write(state)
+    print(f"{summary(state)}  done in {state['seconds'] / 60:.1f} min; results in {out}")
+    return state

@@ -1,5 +1,5 @@
-"""The paper's networks, built by a layer factory: SupSup's masked layers, or the baselines'
-dense ones. No biases anywhere.
+"""The paper's networks, built by a layer factory: SupSup's masked layers (SupermaskLayers), or
+the comparison methods' dense ones (baselines.DenseLayers). No biases anywhere.
 
 lenet  = 784-300-100-s   (PermutedMNIST, 2500 tasks, NNs; s = 100, or 500 for 2500 tasks)
 fc1024 = 784-1024-1024-s (PermutedMNIST s = 500, RotatedMNIST s = 200)
@@ -10,23 +10,15 @@ GN/NNs (sparsity None): threshold masks, and the first 10 of the s outputs carry
 labels; the rest are superfluous neurons that never get a label and help task inference (paper
 Sec. 3.6). GG (a sparsity s): top-k masks at the per-layer density er_density(shape, s), and
 non-affine BatchNorm with per-task running statistics in the ResNets.
-
-The GG baselines (paper Sec. 4.1) use Dense layers: BatchE's rank-one per-task factors
-(BatchE), a dense classifier per task (TaskHeads), or plain shared weights.
 """
-import copy
-import math
-
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from supsup import (MaskedConv2d, MaskedLinear, NeuronMask, TaskBatchNorm, er_density,
-                    signed_constant)
+from supsup import MaskedConv2d, MaskedLinear, TaskBatchNorm, er_density
 
 
-class Supermasks:
+class SupermaskLayers:
     """SupSup's layers: masked weights over signed constants drawn from `seed` (threshold masks
     when sparsity is None, else top-k at er_density), per-task non-affine BatchNorm."""
 
@@ -49,137 +41,12 @@ class Supermasks:
         return TaskBatchNorm(channels, self.num_tasks)
 
 
-class BatchE(nn.Module):
-    """BatchEnsemble: task t uses W * (s_t t_t^T), computed as s_t * layer(t_t * x) (the same
-    for a linear and a conv layer without bias). s_t [c_out] and t_t [c_in] start as random
-    signs; only the current task's pair is trained. With `alphas` [D, k] set (linear layers),
-    decision b uses W * sum_i alphas[b, i] s_i t_i^T, the superposition one-shot inference
-    differentiates (paper App. C); its input is then [D, ..., c_in]."""
-
-    def __init__(self, layer, num_tasks, generator):
-        super().__init__()
-        c_out, c_in = layer.weight.shape[:2]
-
-        def signs(n):
-            return nn.Parameter(torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1)
-
-        self.layer, self.task, self.alphas = layer, 0, None
-        self.s = nn.ParameterList(signs(c_out) for _ in range(num_tasks))
-        self.t = nn.ParameterList(signs(c_in) for _ in range(num_tasks))
-
-    def task_parameters(self, t):
-        return [self.s[t], self.t[t]]
-
-    def forward(self, x):
-        if self.alphas is not None:
-            k = self.alphas.shape[-1]
-            s, t = torch.stack(list(self.s[:k])), torch.stack(list(self.t[:k]))  # [k, c]
-            a = self.alphas.view(len(x), *[1] * (x.dim() - 2), k, 1)
-            return (self.layer(x.unsqueeze(-2) * t) * s * a).sum(-2)
-        shape = (-1,) if isinstance(self.layer, nn.Linear) else (-1, 1, 1)  # channel axis
-        s, t = self.s[self.task].view(shape), self.t[self.task].view(shape)
-        return self.layer(x * t) * s
-
-
-class PSP(nn.Module):
-    """Parameter superposition: task t uses W C_t, a fixed Haar-random orthogonal context
-    C_t [c_in, c_in] per task and layer applied to the layer's input. Contexts are never
-    trained, so they are drawn from (seed, task, layer) when needed: a seed is all they cost."""
-
-    def __init__(self, layer, seed, index):
-        super().__init__()
-        self.layer, self.seed, self.index, self.task = layer, seed, index, 0
-        self.cached = (None, None)  # (task, its context)
-
-    def context(self, t):
-        if self.cached[0] != t:
-            n = self.layer.weight.shape[1]
-            g = torch.Generator().manual_seed(int(np.random.SeedSequence(
-                [self.seed, t, self.index, 6]).generate_state(1)[0]))
-            q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-            q = (q * torch.sign(torch.diagonal(r))).float()  # Haar: QR with a positive R diagonal
-            self.cached = (t, q.to(self.layer.weight.device))
-        return self.cached[1]
-
-    def forward(self, x):
-        return self.layer(x @ self.context(self.task).T)
-
-
-class TaskHeads(nn.Module):
-    """A dense layer per task, each starting as a copy of the given layer (Separate Heads)."""
-
-    def __init__(self, layer, num_tasks):
-        super().__init__()
-        self.heads = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_tasks))
-        self.task = 0
-
-    def task_parameters(self, t):
-        return list(self.heads[t].parameters())
-
-    def forward(self, x):
-        return self.heads[self.task](x)
-
-
-class Dense:
-    """The baselines' layers: dense weights with PyTorch's default init, drawn from `seed`.
-    factors: BatchE on every layer; contexts: PSP on every (linear) layer; heads: a TaskHeads
-    classifier; task_norm: per-task non-affine BatchNorm (SupSup's), else one affine
-    BatchNorm shared by all tasks."""
-
-    def __init__(self, num_tasks, seed, factors=False, heads=False, task_norm=True,
-                 contexts=False):
-        self.num_tasks, self.seed, self.factors, self.heads, self.task_norm, self.contexts = (
-            num_tasks, seed, factors, heads, task_norm, contexts)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.made = 0  # layers so far (PSP keys each layer's contexts by its index)
-
-    def wrap(self, layer, last):
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=self.generator)
-        self.made += 1
-        if self.factors:
-            return BatchE(layer, self.num_tasks, self.generator)
-        if self.contexts:
-            return PSP(layer, self.seed, self.made - 1)
-        return TaskHeads(layer, self.num_tasks) if self.heads and last else layer
-
-    def linear(self, c_in, c_out, last=False):
-        return self.wrap(nn.Linear(c_in, c_out, bias=False), last)
-
-    def conv(self, c_in, c_out, k, stride=1, last=False):
-        return self.wrap(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False), last)
-
-    def norm(self, channels):
-        return TaskBatchNorm(channels, self.num_tasks) if self.task_norm else \
-            nn.BatchNorm2d(channels)
-
-
-def task_parameters(model, t):
-    """The parameters of task t alone: its BatchE factors and its head."""
-    return [p for m in model.modules() if isinstance(m, (BatchE, TaskHeads))
-            for p in m.task_parameters(t)]
-
-
-def trainable(model, t, num_tasks, shared):
-    """Task t's own parameters, and the shared ones too if `shared` (the rest are frozen)."""
-    trunk = shared_parameters(model, num_tasks)
-    for p in trunk:
-        p.requires_grad_(shared)
-    return task_parameters(model, t) + (trunk if shared else [])
-
-
-def shared_parameters(model, num_tasks):
-    """Every parameter that belongs to no single task: the trunk's weights, shared BN's."""
-    own = {id(p) for t in range(num_tasks) for p in task_parameters(model, t)}
-    return [p for p in model.parameters() if id(p) not in own]
-
-
 # ------------------------------------------------------------------------------ networks
 
 
 def mlp(widths, output_size, num_tasks, seed, sparsity=None, layers=None):
     """Linear layers with ReLU between them; W is drawn once from `seed`."""
-    layers = layers or Supermasks(num_tasks, seed, sparsity)
+    layers = layers or SupermaskLayers(num_tasks, seed, sparsity)
     sizes = list(zip(widths, widths[1:] + [output_size]))
     fcs = [layers.linear(a, b, last=i == len(sizes) - 1) for i, (a, b) in enumerate(sizes)]
     return nn.Sequential(*[m for fc in fcs[:-1] for m in (fc, nn.ReLU())], fcs[-1])
@@ -286,27 +153,12 @@ class ResNet50(nn.Module):
         return self.head(x).flatten(-3)
 
 
-def bnnet(output_size=10, num_tasks=5, seed=1):
-    """HopSupSup's network: 784-2048-2048-10 with fixed signed-constant weights; each hidden
-    layer is NeuronMask (batch-statistics BN times the task's neuron mask) then Swish."""
-    g = torch.Generator().manual_seed(seed)
-
-    def fixed(c_in, c_out):
-        layer = nn.Linear(c_in, c_out, bias=False).requires_grad_(False)
-        layer.weight.copy_(signed_constant((c_out, c_in), g))
-        return layer
-
-    return nn.Sequential(fixed(784, 2048), NeuronMask(2048, num_tasks), nn.SiLU(),
-                         fixed(2048, 2048), NeuronMask(2048, num_tasks), nn.SiLU(),
-                         fixed(2048, output_size))
-
-
 def gemresnet18(output_size=5, num_tasks=1, seed=1, sparsity=None, in_channels=3, layers=None):
-    return GEMResNet18(output_size, layers or Supermasks(num_tasks, seed, sparsity), in_channels)
+    return GEMResNet18(output_size, layers or SupermaskLayers(num_tasks, seed, sparsity), in_channels)
 
 
 def resnet50(output_size=10, num_tasks=1, seed=1, sparsity=None, in_channels=3, layers=None):
-    return ResNet50(output_size, layers or Supermasks(num_tasks, seed, sparsity), in_channels)
+    return ResNet50(output_size, layers or SupermaskLayers(num_tasks, seed, sparsity), in_channels)
 
 
 NETS = {"lenet": lenet, "fc1024": fc1024, "gemresnet18": gemresnet18, "resnet50": resnet50}

@@ -5,7 +5,8 @@
 
 Every folder under RUNS_DIR with an args.json and a results.csv is one run; its arguments say
 which figures it belongs to and as which curve. Runs that differ only in --seed are one curve:
-the mean over seeds with a band (or bars) of one standard deviation. Never imports torch.
+the mean over seeds with a band (or bars) of one standard deviation; runs that differ in any
+other argument that defines a run are curves of their own. Never imports torch.
 """
 import argparse
 import csv
@@ -50,7 +51,7 @@ def curves_of(a):
         return [(f"fig2_{a['dataset']}", a["method"])]
     if a["infer"] == "hopfield":
         return [("fig7_hopsupsup", "HopSupSup")]
-    method, model = a.get("method", "supsup"), a["model"]  # (runs from before --method)
+    method, model = a["method"], a["model"]
     label = (f"SupSup ({a['scenario']}, {'G' if a['objective'] == 'g' else 'H'})"
              if method == "supsup" else f"{method} (GG)" if a["infer"] == "given" else method)
     if a["dataset"] == "rotated":
@@ -111,10 +112,15 @@ def read_csv(path, types):
     return rows
 
 
+NOT_A_CURVE = ("seed", "data", "device", "out", "workers", "given", "torch", "device_name",
+               "started")  # arguments (and args.json entries) that runs of one curve may differ in
+
+
 def read_runs(root):
-    """{(figure, curve, tasks): [run]}; a run is (args, results rows, folder): runs of one
-    curve differ in their seed only (and the number of tasks keeps longer runs apart)."""
-    curves = {}
+    """{(figure, curve, tasks): [run]}; a run is (args, results rows, folder). Runs of one curve
+    differ in their seed only (and in the sparsity along a GG curve, its points): runs whose
+    other arguments differ get curves of their own, labelled with the differences."""
+    found = {}
     for folder, _, files in sorted(os.walk(root)):
         if "results.csv" not in files:
             continue
@@ -127,7 +133,17 @@ def read_runs(root):
         rows = read_csv(os.path.join(folder, "results.csv"), RESULTS)
         if rows:
             for figure, label in curves_of(a):
-                curves.setdefault((figure, label, a["tasks"]), []).append((a, rows, folder))
+                found.setdefault((figure, label), []).append((a, rows, folder))
+    curves = {}
+    for (figure, label), runs in found.items():
+        points = ("sparsity",) if figure.startswith("fig2") else ()
+        keys = [{k: json.dumps(v) for k, v in a.items() if k not in NOT_A_CURVE + points}
+                for a, _, _ in runs]
+        varying = sorted({k for key in keys for k in key if k != "tasks" and
+                          len({json.dumps(other.get(k)) for other in keys}) > 1})
+        for run in runs:
+            name = label + "".join(f", {k}={run[0].get(k)}" for k in varying)
+            curves.setdefault((figure, name, run[0]["tasks"]), []).append(run)
     return curves
 
 
@@ -139,7 +155,7 @@ def by_tasks(rows):
     return {k: float(np.mean(v)) for k, v in sorted(acc.items())}
 
 
-def final(rows):
+def last_point(rows):
     """(mean accuracy after the last task, bytes then, tasks learned then) of one run."""
     k = max(r["num_learned"] for r in rows)
     last = [r for r in rows if r["num_learned"] == k]
@@ -180,7 +196,7 @@ def draw(figure, curves, out):
         if figure.startswith("fig2"):  # accuracy against bytes, a point per sparsity
             points = {}
             for a, rows, _ in runs:
-                acc, size, _ = final(rows)
+                acc, size, _ = last_point(rows)
                 points.setdefault(a["sparsity"], []).append((size, acc))
             x, y, e = zip(*sorted((np.mean([p[0] for p in v]), np.mean([p[1] for p in v]),
                                    np.std([p[1] for p in v])) for v in points.values()))
@@ -217,7 +233,7 @@ def table(curves):
         groups = {}  # SupSup in GG: a line per sparsity
         for a, rows, _ in runs:
             s = f" s={a['sparsity']:g}" if "workers" in a and label.startswith("supsup") else ""
-            groups.setdefault(label + s, []).append(final(rows))
+            groups.setdefault(label + s, []).append(last_point(rows))
         for name, finals in groups.items():
             accs = [f[0] for f in finals]
             size = f"{int(np.mean([f[1] for f in finals])):,}" if finals[0][1] else ""

@@ -105,8 +105,7 @@ runs() {
             done
         done
         # Fig. 7 (appendix): HopSupSup on SplitMNIST
-        emit "fig7-hopsupsup-seed$seed" python run_gn.py --data "$DATA" --dataset splitmnist \
-            --model bnnet --infer hopfield --seed "$seed" $HOP
+        emit "fig7-hopsupsup-seed$seed" python hopsupsup.py --data "$DATA" --seed "$seed" $HOP
     done
     # Fig. 2 left: SplitImageNet, ResNet-50, one fixed split and seed; SupSup s = 4, 8, 16
     for s in 4 8 16; do
@@ -136,17 +135,17 @@ if [ "$DRY_RUN" = 1 ]; then  # nothing is created, deleted or run
     exit 0
 fi
 if [ "$QUICK" = 1 ]; then
-    python -c "import data, sys; data.synthetic_cifar100(sys.argv[1]); \
-data.synthetic_imagefolder(sys.argv[2])" "$CIFAR" "$IMAGENET" || exit 1
+    python -c "import gg_data, sys; gg_data.synthetic_cifar100(sys.argv[1]); \
+gg_data.synthetic_imagefolder(sys.argv[2])" "$CIFAR" "$IMAGENET" || exit 1
 fi
 # download what the runs need once, here, so that lanes never download into one folder at
 # once (SplitImageNet cannot be downloaded: it must be in IMAGENET already)
 names=$(printf '%s\n' "${LINES[@]}" | cut -f1)
 if grep -qv -e splitcifar100 -e splitimagenet <<< "$names"; then
-    python data.py mnist --data "$DATA" || exit 1
+    python data.py --data "$DATA" || exit 1
 fi
 if [ "$QUICK" != 1 ] && grep -q splitcifar100 <<< "$names"; then
-    python data.py cifar100 --data "$CIFAR" || exit 1
+    python gg_data.py --data "$CIFAR" || exit 1
 fi
 
 mkdir -p "$OUT"

@@ -3,19 +3,20 @@
     python run_gn.py --tasks 250 --model lenet     # paper Fig. 3 left: PermutedMNIST, one-shot H
     python run_gn.py --objective g                 # the same with the s-neuron objective G
     python run_gn.py --dataset rotated             # Fig. 5 left: fc1024, s=200, binary, full batch
-    python run_gn.py --dataset splitmnist --infer hopfield    # HopSupSup (Sec. 3.5, Fig. 7)
+    python run_gn.py --method psp                  # a comparison line, the task given
 
 Each task trains only its own supermask (RMSprop 1e-4, 1000 steps of 128, a fresh optimizer).
 At each evaluation point, every test batch of 128 of every learned task infers its task from its
 first image(s) (paper Eq. 4) and is then scored: GNu counts a batch only if the inferred task is
-right; GNs scores it with whatever mask was inferred. The paper reports 94.91% for GNu after 250
-permutations; README.md has our numbers and runtimes.
+right; GNs scores it with whatever mask was inferred. The comparison methods (baselines.py) have
+10 outputs and are given the task. The paper reports 94.91% for GNu after 250 permutations;
+docs/results.md has our numbers and runtimes.
 """
 import os
-import time
 
 import torch
 
+import baselines
 import data
 import harness
 import nets
@@ -24,73 +25,42 @@ from harness import positive_float, positive_int
 from nets import NETS
 from supsup import num_learned
 
-PAPER = {  # the paper's settings per data set (Sec. 4.2; HopSupSup: Sec. 3.5, App.)
+PAPER = {  # the paper's settings per data set (Sec. 4.2)
     "permuted": dict(tasks=250, model="lenet", infer="oneshot", infer_examples=1,
-                     eval_at=[10, 50, 100, 150, 200, 500, 1000, 1500, 2000], lr=1e-4, steps=1000,
-                     test_batch_size=128),  # Fig. 3's points, and Fig. 4's for 2500 tasks
+                     eval_at=[10, 50, 100, 150, 200, 500, 1000, 1500, 2000]),  # Figs. 3 and 4
     "rotated": dict(tasks=36, model="fc1024", output_size=200, infer="binary",
-                    infer_examples=128, eval_at=[2, 5, 10, 15, 20, 25, 30, 35], lr=1e-4,
-                    steps=1000, test_batch_size=128),
-    "splitmnist": dict(tasks=5, model="bnnet", infer="hopfield", infer_examples=64, eval_at=[],
-                       lr=0.1, test_batch_size=64),
+                    infer_examples=128, eval_at=[2, 5, 10, 15, 20, 25, 30, 35]),
 }
-OUTPUT_SIZE = {"lenet": 100, "fc1024": 500, "bnnet": 10}  # PermutedMNIST, Fig. 3
-ALL = 10**9
-# The comparison lines of Figs. 3, 5 and 6 (reference Sec. 7): layers (nets.Dense flags), how
-# many tasks train the shared weights (at trunk_lr), the optimizer, the lr of a task's own
-# parameters after that. All have 10 outputs and are given the task (GG), unless batche is
-# asked to infer it (--infer oneshot, App. C).
-def adam(params, lr):
-    return torch.optim.Adam(params, lr, weight_decay=1e-4)  # the original's default decay
-
-
-def rmsprop(params, lr):
-    return torch.optim.RMSprop(params, lr)
-
-
-BASELINES = {
-    "batche": dict(layers=dict(factors=True), trunk_tasks=1, opt=adam, trunk_lr=1e-4, lr=1e-2),
-    "psp": dict(layers=dict(contexts=True), trunk_tasks=ALL, opt=rmsprop, trunk_lr=1e-4),
-    "upper-bound": dict(layers={}, trunk_tasks=ALL, opt=adam, trunk_lr=1e-4),
-    "lower-bound": dict(layers={}, trunk_tasks=ALL, opt=adam, trunk_lr=1e-4),
-}
+OUTPUT_SIZE = {"lenet": 100, "fc1024": 500}  # PermutedMNIST, Fig. 3
 COLUMNS = ("scenario,dataset,model,method,infer,objective,seed,num_learned,task,acc,task_acc,"
            "given_acc,n_test,bytes,train_seconds,seconds").split(",")
-# what each kind of run's checkpoint holds (a checkpoint without them is not this script's)
-KEYS = ("args", "learned", "rows", "crcs", "train_seconds", "seconds")
-BASELINE_KEYS = ("args", "learned", "rows", "accs", "train_seconds", "seconds", "model")
-HOPFIELD_KEYS = ("args", "learned", "rows", "log", "seconds", "model")
-HOPFIELD_OUTPUTS = ("results.csv", "hopfield.csv")
 
 
 def get_parser():
-    p = harness.Parser(description="SupSup GNu/GNs on PermutedMNIST or RotatedMNIST; "
-                                  "HopSupSup on SplitMNIST.")
+    p = harness.Parser(description="SupSup GNu/GNs, and the comparison lines, on PermutedMNIST "
+                                   "or RotatedMNIST.")
     p.add_argument("--dataset", choices=sorted(PAPER), default="permuted",
-                   help="task family; rotated and splitmnist (HopSupSup) switch the defaults "
-                        "marked below")
+                   help="task family; rotated switches the defaults marked below")
     p.add_argument("--tasks", type=positive_int, default=None,
-                   help="number of tasks [default: 250; rotated: 36; splitmnist: 5]")
+                   help="number of tasks [default: 250; rotated: 36]")
     p.add_argument("--model", choices=sorted(OUTPUT_SIZE), default=None,
-                   help="network [default: lenet; rotated: fc1024; splitmnist: bnnet, "
-                        "784-2048-2048-10 with neuron masks]")
+                   help="network [default: lenet; rotated: fc1024]")
     p.add_argument("--output-size", type=positive_int, default=None,
                    help="outputs s, 10 labelled + s-10 superfluous [default: lenet 100, fc1024 "
-                        "500; rotated: 200; splitmnist: 10, all labelled]")
-    p.add_argument("--method", choices=["supsup", *BASELINES], default="supsup",
-                   help="supsup, or a comparison line: batche (rank-one factors on a trunk "
-                        "trained on task 0), psp (one weight matrix, a random orthogonal "
-                        "context per task and layer), upper-bound (a dense net trained through "
-                        "the tasks, each read right after its training), lower-bound (the same, "
-                        "read at the end); these have 10 outputs and are given the task "
-                        "(--infer given) unless batche infers it (--infer oneshot)")
+                        "500; rotated: 200; comparison methods: 10]")
+    p.add_argument("--method", choices=["supsup", *baselines.GN], default="supsup",
+                   help="supsup, or a comparison method (baselines.py): batche (rank-one "
+                        "factors on a trunk trained on task 0), psp (one weight matrix, a "
+                        "random orthogonal context per task and layer), upper-bound (a dense "
+                        "net trained through the tasks, each read right after its training), "
+                        "lower-bound (the same, read at the end); these have 10 outputs and are "
+                        "given the task (--infer given) unless batche infers it (--infer oneshot)")
     p.add_argument("--scenario", choices=["GNu", "GNs"], default="GNu",
                    help="GNu: a batch with a wrong inferred task scores 0; GNs: scored with "
                         "the inferred mask")
-    p.add_argument("--infer", choices=["oneshot", "binary", "hopfield", "given"], default=None,
-                   help="task inference [default: oneshot; rotated: binary; splitmnist: "
-                        "hopfield, the mask recovered from a Hopfield network; baselines: "
-                        "given, the task is not inferred]")
+    p.add_argument("--infer", choices=["oneshot", "binary", "given"], default=None,
+                   help="task inference [default: oneshot; rotated: binary; comparison "
+                        "methods: given, the task is not inferred]")
     p.add_argument("--objective", choices=sorted(supsup.OBJECTIVES), default="entropy",
                    help="inference objective: entropy H or superfluous-neuron G")
     p.add_argument("--infer-examples", type=positive_int, default=None,
@@ -100,22 +70,16 @@ def get_parser():
                    help="evaluate after learning these numbers of tasks (comma list); after "
                         "the last task always [default: 10,50,100,150,200,500,1000,1500,2000; "
                         "rotated: 2,5,10,...,35]")
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help="training steps per task [default: 1000; splitmnist: one epoch]")
+    p.add_argument("--steps", type=positive_int, default=1000, help="training steps per task")
     p.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
-    p.add_argument("--test-batch-size", type=positive_int, default=None,
-                   help="test batch size; each test batch gets one task decision [default: "
-                        "128; splitmnist: 64, one recovery step each]")
+    p.add_argument("--test-batch-size", type=positive_int, default=128,
+                   help="test batch size; each test batch gets one task decision")
     p.add_argument("--lr", type=positive_float, default=None,
-                   help="learning rate [default: RMSprop 1e-4; splitmnist: SGD 0.1, momentum "
-                        "0.9, weight decay 1e-4]")
+                   help="learning rate [default: SupSup's RMSprop 1e-4; batche's factors 1e-2; "
+                        "the others: --trunk-lr]")
     p.add_argument("--trunk-lr", type=positive_float, default=None,
-                   help="baselines: lr while the shared weights train (batche: task 0, with "
-                        "its factors; psp and the bounds: every task) [default: 1e-4]")
-    p.add_argument("--gamma", type=positive_float, default=1.5e-3,
-                   help="hopfield: final weight of the Hopfield energy in the recovery loss")
-    p.add_argument("--recovery-lr", type=positive_float, default=500.0,
-                   help="hopfield: SGD learning rate of the mask recovery (momentum 0.9)")
+                   help="comparison methods: lr while the shared weights train (batche: task "
+                        "0, with its factors; psp and the bounds: every task) [default: 1e-4]")
     p.add_argument("--parallel", type=positive_int, default=1,
                    help="train this many tasks at once as one batched computation (same "
                         "seeds, results within float rounding; it did not pay on a CPU and "
@@ -126,33 +90,24 @@ def get_parser():
 
 def resolve(args, parser):
     """Fill the data-set-dependent defaults and check the flags that depend on each other."""
-    baseline = args.method in BASELINES
+    baseline = args.method in baselines.GN
     if baseline:
-        spec = BASELINES[args.method]
+        settings = baselines.GN[args.method][1]
         args.infer = args.infer or "given"
         args.output_size = args.output_size or 10
-        args.trunk_lr = args.trunk_lr or spec["trunk_lr"]
-        args.lr = args.lr or spec.get("lr", args.trunk_lr)
+        args.trunk_lr = args.trunk_lr or settings["trunk_lr"]
+        args.lr = args.lr or settings.get("lr", args.trunk_lr)
+    args.lr = args.lr or 1e-4
     for k, v in PAPER[args.dataset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.output_size is None:
         args.output_size = OUTPUT_SIZE[args.model]
+    allowed = ["oneshot", "binary"]  # (a comparison method is given the task, or infers it)
     if baseline:
-        ok = args.infer == "given" or (args.method, args.infer) == ("batche", "oneshot")
-    else:
-        ok = args.infer != "given"
-    if not ok:
-        parser.error(f"--method {args.method} takes --infer "
-                     f"{'given (or oneshot for batche)' if baseline else 'oneshot or binary'}")
-    if baseline and args.dataset == "splitmnist":
-        parser.error("the baselines run on permuted or rotated")
-    hop = (args.dataset == "splitmnist", args.model == "bnnet", args.infer == "hopfield")
-    if any(hop) and not all(hop):
-        parser.error("HopSupSup is --dataset splitmnist --model bnnet --infer hopfield, the "
-                     "three together")
-    if args.tasks > 5 and args.dataset == "splitmnist":
-        parser.error(f"--tasks {args.tasks}: splitmnist has 5 tasks")
+        allowed = ["given"] + ["oneshot"] * hasattr(baselines.GN[args.method][0], "infer_tasks")
+    if args.infer not in allowed:
+        parser.error(f"--method {args.method} takes --infer {' or '.join(allowed)}")
     if args.output_size < 10:
         parser.error(f"--output-size {args.output_size} is below the 10 digit classes")
     if args.objective == "g" and args.infer in ("oneshot", "binary") and args.output_size == 10:
@@ -196,18 +151,18 @@ def train_tasks(model, x, y, pix, args):
 def test_set(test_x, test_y, args, t):
     """Task t's test set, in the shuffled order that makes its batches."""
     order = data.test_order(len(test_x), args.seed, t, test_x.device)
-    pix = data.TASKS[args.dataset](args.seed, t).to(test_x.device)
+    pix = data.PIXEL_MAPS[args.dataset](args.seed, t).to(test_x.device)
     return test_x.index_select(0, order).index_select(1, pix), test_y[order]
 
 
 @torch.no_grad()
-def evaluate(model, test_x, test_y, args, device, own=None):
+def evaluate(model, test_x, test_y, args, device, mask_of_task=None):
     """One row per learned task: accuracy with the task inferred, inference accuracy, given.
 
-    own[t]: the mask of task t (default: mask t; run_nns.py passes the mask that learned it).
-    The deciding images of many tasks' test batches go through infer_tasks together, so that
-    each pass over the mask bank serves many decisions."""
-    own = list(range(num_learned(model))) if own is None else own
+    mask_of_task[t]: the mask of task t (default: mask t; run_nns.py passes the mask that
+    learned it). The deciding images of many tasks' test batches go through infer_tasks
+    together, so that each pass over the mask bank serves many decisions."""
+    own = list(range(num_learned(model))) if mask_of_task is None else mask_of_task
     k, n, bs = len(own), len(test_x), args.test_batch_size
     starts = torch.arange(0, n, bs, device=device)
     idx = starts[:, None] + torch.arange(args.infer_examples, device=device)
@@ -225,18 +180,19 @@ def evaluate(model, test_x, test_y, args, device, own=None):
             supsup.set_task(model, own[t])
             correct.append(supsup.predict(model, x) == y)
             deciding.append(x[idx.clamp(max=n - 1)])
-        inferred, _ = supsup.infer_tasks(model, torch.cat(deciding), weights.repeat(len(tasks), 1),
+        inferred, _ = supsup.infer_tasks(model, torch.cat(deciding),
+                                         weights.repeat(len(tasks), 1),
                                          supsup.OBJECTIVES[args.objective], args.infer == "binary")
-        for t, right, inf in zip(tasks, correct, inferred.view(len(tasks), -1)):
-            hits = right & (inf == own[t])[batch_of]
+        for t, right, guess in zip(tasks, correct, inferred.view(len(tasks), -1)):
+            hits = right & (guess == own[t])[batch_of]
             if args.scenario != "GNu":  # score the wrongly inferred batches with their masks
                 x, y = test_set(test_x, test_y, args, t)
-                for b in (inf != own[t]).nonzero().flatten().tolist():
-                    supsup.set_task(model, int(inf[b]))
+                for b in (guess != own[t]).nonzero().flatten().tolist():
+                    supsup.set_task(model, int(guess[b]))
                     sl = slice(b * bs, min(n, b * bs + bs))
                     hits[sl] = supsup.predict(model, x[sl]) == y[sl]
             rows.append(dict(task=t, acc=hits.sum().item() / n,
-                             task_acc=(inf == own[t]).sum().item() / len(inf),
+                             task_acc=(guess == own[t]).sum().item() / len(guess),
                              given_acc=right.sum().item() / n, n_test=n))
     return rows
 
@@ -245,152 +201,24 @@ def summary(args, rows, k):
     at = [r for r in rows if r["num_learned"] == k]
     text = f"[{args.scenario} {args.method}] learned {k}:"
     for c, name in (("acc", "acc"), ("task_acc", "task-acc"), ("given_acc", "given")):
-        if at[0][c] != "":  # (no task inference when the task is given)
+        if at and at[0][c] != "":  # (no task inference when the task is given)
             text += f"  {name} {sum(r[c] for r in at) / len(at):.4f}"
     return text
 
 
-def split_task(x, y, t):
-    """SplitMNIST task t: digits 2t and 2t+1, their labels kept (10 shared outputs)."""
-    keep = (y // 2) == t
-    return x[keep, :784], y[keep]
-
-
-def train_hopfield_task(model, x, y, t, args):
-    """Learn task t's neuron masks: scores from 0 (all on), SGD for one epoch (or --steps),
-    then stored in the bank and the Hopfield matrices."""
-    layers = supsup.neuron_masks(model)
-    for m in layers:
-        m.scores = torch.nn.Parameter(torch.zeros_like(m.scores))
-    supsup.set_task(model, t)
-    steps = args.steps or -(-len(x) // args.batch_size)
-    order = data.train_batches(len(x), args.batch_size, steps, args.seed, t, x.device)
-    opt = torch.optim.SGD([m.scores for m in layers], lr=args.lr, momentum=0.9,
-                          weight_decay=1e-4)
-    loss = supsup.train_steps(model, ((x[b], y[b]) for b in order), opt)
-    for m in layers:
-        m.remember()
-    return loss
-
-
 @torch.no_grad()
-def batch_accuracy(model, batches):
-    """Accuracy over test batches, each normalized by its own statistics (as HopSupSup)."""
-    hits = sum((model(x).argmax(-1) == y).sum().item() for x, y in batches)
-    return hits / sum(len(y) for _, y in batches)
-
-
-def evaluate_hopfield(model, test_x, test_y, args, log):
-    """Per learned task: recover its masks from its unlabelled test batches of 64 (one step a
-    batch), then score the test set with them (acc) and with the stored masks (given_acc);
-    task_acc is 1 when the recovered masks are exact. log gets the Hamming distances."""
-    rows, layers = [], supsup.neuron_masks(model)
-    k = layers[0].num_learned
-    for t in range(k):
-        x, y = split_task(test_x, test_y, t)
-        order = data.test_order(len(x), args.seed, t, x.device)
-        batches = [(x[i], y[i]) for i in order.split(args.test_batch_size)]
-        supsup.set_task(model, t)
-        given = batch_accuracy(model, batches)
-        exact_from = None
-        for step, found in enumerate(supsup.recover(model, [b for b, _ in batches], args.gamma,
-                                                    args.recovery_lr)):
-            dist = [int((f != m.bank[t]).sum()) for f, m in zip(found, layers)]
-            log += [dict(num_learned=k, task=t, step=step + 1, layer=j, hamming=d)
-                    for j, d in enumerate(dist)]
-            exact_from = None if any(dist) else exact_from or step + 1
-        rows.append(dict(task=t, acc=batch_accuracy(model, batches),
-                         task_acc=float(exact_from is not None), given_acc=given,
-                         n_test=len(y)))
-        print(f"[hopfield] task {t}: exact from step {exact_from} of {len(batches)}, Hamming "
-              f"{dist}, acc {rows[-1]['acc']:.4f} (stored masks {given:.4f})", flush=True)
-    return rows
-
-
-def run_hopfield(args):
-    """HopSupSup on SplitMNIST: neuron masks learned with the task given, recovered at test
-    time from a Hopfield network without it (paper Sec. 3.5)."""
-    device = harness.get_device(args.device)
-    state = harness.open_run(args.out, vars(args), device, HOPFIELD_KEYS, HOPFIELD_OUTPUTS)
-    if state:
-        write_outputs(args.out, state)
-        if state["learned"] == args.tasks:
-            print(summary(args, state["rows"], args.tasks) + f"  (finished; {args.out})")
-            return state["rows"]
-    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-    model = nets.bnnet(args.output_size, args.tasks, args.seed).to(device)
-    state = state or dict(args=vars(args), learned=0, rows=[], log=[], seconds=0.0)
-    if state["learned"]:
-        model.load_state_dict(state["model"])
-        for m in supsup.neuron_masks(model):
-            m.num_learned = state["learned"]
-    start = time.time() - state["seconds"]
-    for t in range(state["learned"], args.tasks):
-        t0 = time.time()
-        loss = train_hopfield_task(model, *split_task(train_x, train_y, t), t, args)
-        harness.check_finite(loss, t, "--lr")
-        print(f"[hopfield] task {t + 1}/{args.tasks}  loss {loss:.3f}  {time.time() - t0:.1f}s",
-              flush=True)
-        if t + 1 in args.eval_at:
-            size = sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()  # mask bits, psi
-                       for m in supsup.neuron_masks(model))
-            for r in evaluate_hopfield(model, test_x, test_y, args, state["log"]):
-                r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
-                         method="hopsupsup", infer="hopfield", objective="entropy",
-                         seed=args.seed, num_learned=t + 1, train_seconds="", bytes=size,
-                         seconds=round(time.time() - start, 1))
-                state["rows"].append(r)
-            print(summary(args, state["rows"], t + 1), flush=True)
-        state.update(model=model.state_dict(), learned=t + 1, seconds=time.time() - start)
-        harness.save_checkpoint(args.out, state)
-        write_outputs(args.out, state)
-    return state["rows"]
-
-
-def infer_batche(model, x, k):
-    """One-shot task inference for BatchE (paper App. C): every decision x[b] ([D, R, 784])
-    superposes the first k tasks' factors at alphas 1/k; its task is argmin_i dH/dalpha_i,
-    all decisions from one backward pass, as many at once as CHUNK floats of activations
-    allow."""
-    layers = [m for m in model.modules() if isinstance(m, nets.BatchE)]
-    width = max(max(m.layer.weight.shape) for m in layers)
-    step, out = max(1, supsup.CHUNK // (k * width * x.shape[1])), []
-    try:
-        for i in range(0, len(x), step):
-            alphas = torch.full((len(x[i:i + step]), k), 1 / k, device=x.device,
-                                requires_grad=True)
-            for m in layers:
-                m.alphas = alphas
-            with torch.enable_grad():
-                entropy = supsup.entropy(model(x[i:i + step])).sum()  # a sum of independent Hs
-                out.append(torch.autograd.grad(entropy, alphas)[0].argmin(1))
-    finally:
-        for m in layers:
-            m.alphas = None
-    return torch.cat(out)
-
-
-def baseline_bytes(model, k, args):
-    """fp32 bytes to serve k tasks: the shared weights (upper-bound: a whole net a task) and
-    the tasks' own factors; PSP's contexts are seeds."""
-    shared = 4 * sum(p.numel() for p in nets.shared_parameters(model, args.tasks))
-    own = 4 * sum(p.numel() for t in range(k) for p in nets.task_parameters(model, t))
-    return shared * (k if args.method == "upper-bound" else 1) + own
-
-
-@torch.no_grad()
-def evaluate_baseline(model, test_x, test_y, args, k, accs):
-    """One row per learned task, the task given (upper-bound: read right after its training,
-    accs); batche with --infer oneshot also infers it, scored as GNu."""
+def evaluate_given(method, test_x, test_y, args, k, accs):
+    """One row per learned task of a comparison method, the task given (read right after its
+    training, accs, if the method says so); with --infer oneshot also inferred, scored as GNu."""
     rows, bs, n = [], args.test_batch_size, len(test_x)
     for t in range(k):
         x, y = test_set(test_x, test_y, args, t)
-        supsup.set_task(model, t)
-        right = supsup.predict(model, x) == y
-        given = accs[t] if args.method == "upper-bound" else right.float().mean().item()
+        supsup.set_task(method.model, t)
+        right = supsup.predict(method.model, x) == y
+        given = accs[t] if method.read_right_after else right.float().mean().item()
         row = dict(task=t, acc=given, task_acc="", given_acc=given, n_test=n)
         if args.infer == "oneshot":
-            inferred = infer_batche(model, x[::bs, None], k)  # the first image of each batch
+            inferred = method.infer_tasks(x[::bs, None], k)  # the first image of each batch
             hits = right & (inferred == t).repeat_interleave(bs)[:n]
             row.update(acc=hits.float().mean().item(),
                        task_acc=(inferred == t).float().mean().item())
@@ -398,133 +226,110 @@ def evaluate_baseline(model, test_x, test_y, args, k, accs):
     return rows
 
 
-def run_baseline(args):
-    """A comparison line of the GNu figures: dense layers (nets.Dense) trained per BASELINES,
-    given the task at test time (or, for batche with --infer oneshot, inferring it)."""
-    device = harness.get_device(args.device)
-    weights, units = nets.mlp_weights(args.model, args.output_size)
-    harness.ensure_fits(4 * (4 * weights + 3 * args.tasks * units), device,
-                        f"--tasks {args.tasks} of {args.method} on {args.model}")
-    state = harness.open_run(args.out, vars(args), device, BASELINE_KEYS)
-    if state:
-        write_outputs(args.out, state)
-        if state["learned"] == args.tasks:
-            print(summary(args, state["rows"], args.tasks) + f"  (finished; {args.out})")
-            return state["rows"]
-    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-    spec = BASELINES[args.method]
-    model = NETS[args.model](args.output_size, args.tasks, args.seed, layers=nets.Dense(
-        args.tasks, args.seed, **spec["layers"])).to(device)
-    state = state or dict(args=vars(args), learned=0, rows=[], accs={}, train_seconds=[],
-                          seconds=0.0)
-    if state["learned"]:
-        model.load_state_dict(state["model"])
-    start = time.time() - state["seconds"]
-    rows, accs, train_seconds = state["rows"], state["accs"], state["train_seconds"]
-    for t in range(state["learned"], args.tasks):
-        t0, trunk = time.time(), t < spec["trunk_tasks"]
-        opt = spec["opt"](nets.trainable(model, t, args.tasks, trunk),
-                          args.trunk_lr if trunk else args.lr)
-        pix = data.TASKS[args.dataset](args.seed, t).to(device)
-        supsup.set_task(model, t)
-        model.train()
-        loss = supsup.train_steps(model, task_batches(train_x, train_y, pix[None], t, args), opt)
-        harness.check_finite(loss, t, "--trunk-lr" if trunk else "--lr")
-        model.eval()
-        train_seconds.append(time.time() - t0)
-        x, y = test_set(test_x, test_y, args, t)
-        accs[t] = (supsup.predict(model, x) == y).float().mean().item()
-        print(f"[{args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc {accs[t]:.4f}  "
-              f"{train_seconds[t]:.1f}s", flush=True)
-        if t + 1 in args.eval_at:
-            size = baseline_bytes(model, t + 1, args)  # the same for every row of this point
-            for r in evaluate_baseline(model, test_x, test_y, args, t + 1, accs):
-                r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
-                         method=args.method, infer=args.infer, objective="entropy",
-                         seed=args.seed, num_learned=t + 1, bytes=size,
-                         train_seconds=round(train_seconds[r["task"]], 2),
-                         seconds=round(time.time() - start, 1))
-                rows.append(r)
-            print(summary(args, rows, t + 1), flush=True)
-        state.update(model=model.state_dict(), learned=t + 1, seconds=time.time() - start)
-        harness.save_checkpoint(args.out, state)
-        write_outputs(args.out, state)
-    print(f"done in {(time.time() - start) / 60:.1f} min; results in {args.out}/results.csv")
-    return rows
-
-
 def write_outputs(out, state):
-    """The CSVs, derived from the checkpoint's state: written after each checkpoint and again
-    whenever the run folder is opened, so a kill between the two loses nothing."""
+    """results.csv, derived from the checkpoint's state (harness.run_tasks)."""
     if state["rows"]:
         harness.write_csv(os.path.join(out, "results.csv"), state["rows"], COLUMNS)
-    if state.get("log"):
-        harness.write_csv(os.path.join(out, "hopfield.csv"), state["log"],
-                          ["num_learned", "task", "step", "layer", "hamming"])
 
 
 def run(args):
-    if args.infer == "hopfield":
-        return run_hopfield(args)
-    if args.method in BASELINES:
-        return run_baseline(args)
     device = harness.get_device(args.device)
-    weights, _ = nets.mlp_weights(args.model, args.output_size)
-    harness.ensure_fits(args.tasks * weights // 8 + 4 * (2 + args.parallel) * weights, device,
-                        f"the masks of --tasks {args.tasks} on {args.model} with --output-size "
-                        f"{args.output_size}")
-    state = harness.open_run(args.out, vars(args), device, KEYS)
-    if state:
-        write_outputs(args.out, state)
-        if state["learned"] == args.tasks:
-            print(summary(args, state["rows"], args.tasks) + f"  (finished; {args.out})")
-            return state["rows"]
+    weights, units = nets.mlp_weights(args.model, args.output_size)
+    if args.method in baselines.GN:
+        harness.ensure_fits(4 * (4 * weights + 3 * args.tasks * units), device,
+                            f"--tasks {args.tasks} of {args.method} on {args.model}")
+        setup, keys, start = setup_comparison, ("accs", "train_seconds", "model"), \
+            dict(accs={}, train_seconds=[])
+    else:
+        harness.ensure_fits(args.tasks * weights // 8 + 4 * (2 + args.parallel) * weights,
+                            device, f"the masks of --tasks {args.tasks} on {args.model} with "
+                                    f"--output-size {args.output_size}")
+        setup, keys, start = setup_supsup, ("crcs", "train_seconds"), \
+            dict(crcs=[], train_seconds=[])
+    return harness.run_tasks(args, device, lambda state: setup(args, device, state),
+                             lambda state: write_outputs(args.out, state),
+                             lambda state: summary(args, state["rows"], state["learned"]),
+                             keys, start=start)["rows"]
+
+
+def setup_supsup(args, device, state):
+    """SupSup's run: the data and the model, its learned masks read back from masks.bin; ->
+    the step that learns the next --parallel tasks (never across an evaluation point)."""
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
     model = NETS[args.model](args.output_size, args.tasks, args.seed).to(device)
     masks_file = os.path.join(args.out, "masks.bin")
-    state = state or dict(args=vars(args), learned=0, rows=[], crcs=[], train_seconds=[],
-                          seconds=0.0)
     if state["learned"]:
-        width = sum(m.bank.shape[1] for m in supsup.masked_layers(model))
-        supsup.set_bank_rows(model, harness.read_records(masks_file, width, state["crcs"]))
-        print(f"resuming {args.out} after task {num_learned(model)}")
-    session, t_first = time.time(), num_learned(model)
-    start = session - state["seconds"]  # run time counts across resumes
-    rows, train_seconds, t = state["rows"], state["train_seconds"], t_first
-    while t < args.tasks:  # a group of --parallel tasks at a time, never across an eval point
-        t0, stop = time.time(), min([t + args.parallel] + [e for e in args.eval_at if e > t])
-        pix = torch.stack([data.TASKS[args.dataset](args.seed, i).to(device)
+        harness.read_masks(masks_file, model, state["crcs"])
+        print(f"resuming {args.out} after task {state['learned']}")
+
+    def step(state, clock):
+        t, began = state["learned"], clock()
+        stop = min([t + args.parallel] + [e for e in args.eval_at if e > t])
+        pix = torch.stack([data.PIXEL_MAPS[args.dataset](args.seed, i).to(device)
                            for i in range(t, stop)])
         loss = train_tasks(model, train_x, train_y, pix, args)
         harness.check_finite(loss, t, "--lr")
-        train_seconds += [(time.time() - t0) / (stop - t)] * (stop - t)
-        state["crcs"][t:] = harness.append_records(masks_file, t,
-                                                   supsup.bank_rows(model, t, stop))
+        state["train_seconds"] += [(clock() - began) / (stop - t)] * (stop - t)
+        state["crcs"][t:] = harness.append_masks(masks_file, model, t, stop)
         for i in range(t, stop):
             supsup.set_task(model, i)
-            x = test_x.index_select(1, pix[i - t])
-            acc = (supsup.predict(model, x) == test_y).float().mean().item()
-            per_task = (time.time() - session) / (i + 1 - t_first)
-            print(f"[{args.scenario}] task {i + 1}/{args.tasks}  loss {loss:.3f}  acc {acc:.4f}  "
-                  f"{per_task:.1f}s/task  eta {per_task * (args.tasks - i - 1) / 60:.0f}m",
-                  flush=True)
-        t = stop
-        if t in args.eval_at:
-            t1 = time.time()
-            new = evaluate(model, test_x, test_y, args, device)
-            seconds = round(time.time() - start, 1)
-            for r in new:
+            acc = (supsup.predict(model, test_x.index_select(1, pix[i - t])) == test_y)
+            per_task = clock() / (i + 1)
+            print(f"[{args.scenario}] task {i + 1}/{args.tasks}  loss {loss:.3f}  acc "
+                  f"{acc.float().mean().item():.4f}  {per_task:.1f}s/task  eta "
+                  f"{per_task * (args.tasks - i - 1) / 60:.0f}m", flush=True)
+        state["learned"] = stop
+        if stop in args.eval_at:
+            began = clock()
+            rows = evaluate(model, test_x, test_y, args, device)
+            for r in rows:
                 r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
                          method="supsup", infer=args.infer, objective=args.objective,
-                         seed=args.seed, num_learned=t, seconds=seconds, bytes=mask_bytes(model, t),
-                         train_seconds=round(train_seconds[r["task"]], 2))
-            rows += new
-            print(summary(args, rows, t) + f"  eval {time.time() - t1:.1f}s", flush=True)
-        state.update(learned=t, seconds=time.time() - start)
-        harness.save_checkpoint(args.out, state)
-        write_outputs(args.out, state)
-    print(f"done in {(time.time() - start) / 60:.1f} min; results in {args.out}/results.csv")
-    return rows
+                         seed=args.seed, num_learned=stop, seconds=round(clock(), 1),
+                         bytes=mask_bytes(model, stop),
+                         train_seconds=round(state["train_seconds"][r["task"]], 2))
+            state["rows"] += rows
+            print(summary(args, state["rows"], stop) + f"  eval {clock() - began:.1f}s",
+                  flush=True)
+    return step
+
+
+def setup_comparison(args, device, state):
+    """A comparison method's run (baselines.GN): the data and the method's network; -> the
+    step that learns the next task."""
+    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    cls, settings = baselines.GN[args.method]
+    method = cls(lambda layers: NETS[args.model](args.output_size, args.tasks, args.seed,
+                                                 layers=layers),
+                 args.tasks, args.seed, args.lr, args.trunk_lr, settings["optimizer"], False)
+    method.model.to(device)
+    if state["learned"]:
+        method.model.load_state_dict(state["model"])
+
+    def step(state, clock):
+        t, began = state["learned"], clock()
+        method.start(t)
+        pix = data.PIXEL_MAPS[args.dataset](args.seed, t).to(device)
+        loss = method.train(task_batches(train_x, train_y, pix[None], t, args))
+        harness.check_finite(loss, t, "--trunk-lr" if t < method.trunk_tasks else "--lr")
+        method.finish(t)
+        state["train_seconds"].append(clock() - began)
+        x, y = test_set(test_x, test_y, args, t)
+        state["accs"][t] = (supsup.predict(method.model, x) == y).float().mean().item()
+        print(f"[{args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
+              f"{state['accs'][t]:.4f}  {state['train_seconds'][t]:.1f}s", flush=True)
+        if t + 1 in args.eval_at:
+            size = method.bytes(t + 1)  # the same for every row of this point
+            for r in evaluate_given(method, test_x, test_y, args, t + 1, state["accs"]):
+                r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
+                         method=args.method, infer=args.infer, objective="entropy",
+                         seed=args.seed, num_learned=t + 1, bytes=size,
+                         train_seconds=round(state["train_seconds"][r["task"]], 2),
+                         seconds=round(clock(), 1))
+                state["rows"].append(r)
+            print(summary(args, state["rows"], t + 1), flush=True)
+        state.update(model=method.model.state_dict(), learned=t + 1)
+    return step
 
 
 def main(argv=None):

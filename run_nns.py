@@ -12,7 +12,6 @@ learning). Evaluation as in GNs with shared labels: one image per test batch inf
 that then scores the batch. README.md has our numbers.
 """
 import os
-import time
 
 import torch
 
@@ -127,11 +126,6 @@ def choose(masks, x, allocated, args):
     return best, False
 
 
-KEYS = ("args", "task", "allocated", "allocations", "trained", "rows", "seconds", "drawn",
-        "files")
-OUTPUTS = ("results.csv", "allocations.csv")
-
-
 def run(args):
     device = harness.get_device(args.device)
     slots = max(args.budget, args.floor)  # the masks allocated and the untrained candidates
@@ -139,24 +133,26 @@ def run(args):
     harness.ensure_fits(slots * (weights // 8 + 4 * weights), device,
                         f"the masks and scores of --budget {args.budget} on {args.model} with "
                         f"--output-size {args.output_size}")
-    state = harness.open_run(args.out, vars(args), device, KEYS, OUTPUTS)
-    if state:
-        write_outputs(args.out, state)
-        if state["task"] == args.tasks:
-            print(summary(state, args) + f"  (finished; {args.out}/results.csv)")
-            return state["rows"]
+    return harness.run_tasks(
+        args, device, lambda state: setup(args, device, slots, state),
+        lambda state: write_outputs(args.out, state), lambda state: summary(state, args),
+        keys=("allocated", "allocations", "trained", "drawn", "files"),
+        outputs=("results.csv", "allocations.csv"),
+        start=dict(allocated=0, allocations=[], trained={}, drawn=0, files={}))["rows"]
+
+
+def setup(args, device, slots, state):
+    """The data, the model and every mask's scores (read back from their files); -> the step
+    that runs the next task of the stream."""
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
     model = NETS[args.model](args.output_size, slots, args.seed).to(device)
     masks = Masks(model, args.seed)
-    if state:
-        masks.ensure(state["drawn"])
-        for i, (name, digest) in state["files"].items():
-            load_mask(masks, i, os.path.join(args.out, "masks", name), digest, args.out)
-        print(f"resuming {args.out} after task {state['task']}")
-    state = state or dict(args=vars(args), task=0, allocated=0, allocations=[], trained={},
-                          rows=[], seconds=0.0, drawn=0, files={})  # files: mask -> its file
-    start = time.time() - state["seconds"]
-    for task in range(state["task"], args.tasks):  # the stream, one permutation at a time
+    masks.ensure(state["drawn"])
+    for i, (name, digest) in state["files"].items():  # files: mask -> its file, as last trained
+        load_mask(masks, i, os.path.join(args.out, "masks", name), digest, args.out)
+
+    def step(state, clock):
+        task = state["learned"]
         pix = data.permutation(args.seed, task).to(device)
         order = data.train_batches(len(train_x), args.batch_size, args.steps, args.seed, task,
                                    device)
@@ -178,35 +174,38 @@ def run(args):
             state["trained"][key] = state["trained"].get(key, 0) + len(batches)
         loss = sum(losses) / max(len(losses), 1)
         harness.check_finite(loss, task, "--lr")
-        state["task"] = task + 1
+        state["learned"] = task + 1
         print(f"[NNs] task {task + 1}/{args.tasks}  masks {state['allocated']}  loss "
               f"{loss:.3f}", flush=True)
         if task + 1 in args.eval_at:
-            t1 = time.time()
+            began = clock()
             masks.candidates(state["allocated"])
             own = [max(range(state["allocated"]), key=lambda i: state["trained"].get((i, t), 0))
                    for t in range(task + 1)]
-            for r in run_gn.evaluate(model, test_x, test_y, args, device, own):
+            rows = run_gn.evaluate(model, test_x, test_y, args, device, own)
+            for r in rows:
                 r.update(scenario="NNs", dataset="permuted", model=args.model, method="supsup",
                          infer="oneshot", objective="entropy", seed=args.seed,
                          num_learned=task + 1, masks=state["allocated"], train_seconds="",
                          bytes=run_gn.mask_bytes(model, state["allocated"]),
-                         seconds=round(time.time() - start, 1))
-                state["rows"].append(r)
-            print(summary(state, args) + f"  eval {time.time() - t1:.1f}s", flush=True)
-        state["seconds"], state["drawn"] = time.time() - start, len(masks.scores)
-        save_masks(masks, state, task, args)
-        write_outputs(args.out, state)
-    print(f"done in {(time.time() - start) / 60:.1f} min; results in {args.out}/results.csv")
-    return state["rows"]
+                         seconds=round(clock(), 1))
+            state["rows"] += rows
+            print(summary(state, args) + f"  eval {clock() - began:.1f}s", flush=True)
+        state["drawn"] = len(masks.scores)
+        save_masks(masks, state, task, args.out)
+    return step
 
 
 def write_outputs(out, state):
-    """The CSVs, derived from the checkpoint's state (see run_gn.write_outputs)."""
+    """What the checkpoint's state says: the CSVs, and the folder of score files trimmed to the
+    ones it names (a run killed before its checkpoint may have left newer ones)."""
     if state["rows"]:
         harness.write_csv(os.path.join(out, "results.csv"), state["rows"], COLUMNS)
     harness.write_csv(os.path.join(out, "allocations.csv"), state["allocations"],
                       ["mask", "step", "true_task"])
+    folder, named = os.path.join(out, "masks"), {name for name, _ in state["files"].values()}
+    for name in set(os.listdir(folder) if os.path.isdir(folder) else []) - named:
+        os.remove(os.path.join(folder, name))
 
 
 @torch.no_grad()
@@ -223,25 +222,19 @@ def load_mask(masks, i, path, digest, out):
     masks.store(i)
 
 
-def save_masks(masks, state, task, args):
-    """Checkpoint after a task of the stream: the scores of the masks it trained, each in a
-    new file, then ckpt.pt naming every mask's file and its digest, then the files it replaced.
-    A kill at any point leaves ckpt.pt and the files it names as they were."""
-    out = args.out
+def save_masks(masks, state, task, out):
+    """The scores of the masks this task trained, each in a new file that the state names
+    (with its digest); the checkpoint that follows makes them count, and the files they
+    replace go after it (write_outputs)."""
     os.makedirs(os.path.join(out, "masks"), exist_ok=True)
-    stale = []
     for i in sorted({i for i, t in state["trained"] if t == task}):
         name = f"mask{i}-task{task}.pt"
-        digest = harness.save_tensors(os.path.join(out, "masks", name), masks.scores[i])
-        stale.append(state["files"].get(i, (None,))[0])
-        state["files"][i] = (name, digest)
-    harness.save_checkpoint(out, state)
-    for name in filter(None, stale):
-        os.remove(os.path.join(out, "masks", name))
+        state["files"][i] = (name, harness.save_tensors(os.path.join(out, "masks", name),
+                                                        masks.scores[i]))
 
 
 def summary(state, args):
-    k = state["task"]
+    k = state["learned"]
     at = [r for r in state["rows"] if r["num_learned"] == k]
     mean = {c: sum(r[c] for r in at) / max(len(at), 1) for c in ("acc", "task_acc", "given_acc")}
     return (f"[NNs] {k} tasks, {state['allocated']} masks: acc {mean['acc']:.4f}  mask-acc "

@@ -1,13 +1,14 @@
-"""SupSup, "Supermasks in Superposition" (Wortsman, Ramanujan et al., NeurIPS 2020), in one file.
+"""SupSup, "Supermasks in Superposition" (Wortsman, Ramanujan et al., NeurIPS 2020): the method.
 
 A network with fixed random weights W learns task t by learning only a binary mask M_t over W
 (a supermask). Finished masks are frozen, so nothing is ever forgotten. When the task is not
 given at test time, all masks are superposed, W * sum_i alpha_i M_i (paper Eq. 2), and the task
 is the alpha along which the output entropy falls fastest (paper Eq. 4).
 
-Sections: masks -> layers -> task control -> task inference -> HopSupSup -> train and test.
-Used by all four scenarios: GG (top-k masks, task given), GNs/GNu (threshold masks, task
-inferred) and NNs (task never given). The layers only hold state; the loops live in run_*.py.
+Sections: masks -> layers -> task control -> task inference -> train and test. Used by all four
+scenarios: GG (top-k masks, task given), GNs/GNu (threshold masks, task inferred) and NNs (task
+never given). Networks are in nets.py; the runs, with their files, in run_gg.py, run_gn.py and
+run_nns.py.
 """
 import math
 
@@ -19,19 +20,19 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------- masks
 
 
-def threshold_weight(scores, weight):
+def threshold_masked(scores, weight):
     """W * 1[scores >= 0] in one pass: the mask is written as floats directly (on CPU a bool
     mask and its cast cost more than the product itself)."""
     return torch.ge(scores, 0, out=torch.empty_like(scores)).mul_(weight)
 
 
-class ThresholdWeight(torch.autograd.Function):
+class ThresholdMasked(torch.autograd.Function):
     """W * 1[scores >= 0], straight-through: d/dscores = grad * W (GN/NNs; paper Sec. 4.2)."""
 
     @staticmethod
     def forward(ctx, scores, weight):
         ctx.save_for_backward(weight)
-        return threshold_weight(scores, weight)
+        return threshold_masked(scores, weight)
 
     @staticmethod
     def backward(ctx, grad):
@@ -58,15 +59,15 @@ class TopK(torch.autograd.Function):
         return grad, None
 
 
-def masked_weight(scores, weight, density=None):
+def scored_weight(scores, weight, density=None):
     """W * M(scores), differentiable in the scores; scores may carry a leading task dim [P]."""
     if density is None:
-        return ThresholdWeight.apply(scores, weight)
+        return ThresholdMasked.apply(scores, weight)
     rows = scores.abs().flatten(scores.dim() - weight.dim())  # one row per task
     return weight * TopK.apply(rows, density).view_as(scores)  # grad reaches s as grad*sign(s)
 
 
-def mask_of(scores, density=None):
+def scores_to_mask(scores, density=None):
     """The bool mask each row of scores [..., N] encodes: scores >= 0, or, at a density, the
     top-k of |scores| in the row."""
     return scores >= 0 if density is None else top_fraction(scores.abs(), density) > 0
@@ -91,32 +92,6 @@ def unpack(packed, n, out=None):
     return rows.view(*packed.shape[:-1], -1)[..., :n]
 
 
-def elias_fano(mask):
-    """A sparse mask (bool [N], numpy) as Elias-Fano bytes: with n kept weights and
-    l = floor(log2(N / n)), the low l bits of each kept position, packed, then the high parts
-    in unary (bit high_i + i set). About 2 + log2(1 / density) bits per kept weight; n is the
-    top-k count, known from N and the density, so it is not stored. Lossless (see
-    elias_fano_decode)."""
-    pos, N = np.flatnonzero(mask), len(mask)
-    low_bits = max(0, int(np.log2(N / max(len(pos), 1))))
-    low = (pos[:, None] >> np.arange(low_bits - 1, -1, -1)) & 1
-    high = np.zeros(len(pos) + (N >> low_bits) + 1, np.uint8)
-    high[(pos >> low_bits) + np.arange(len(pos))] = 1
-    return np.packbits(low.astype(np.uint8)).tobytes() + np.packbits(high).tobytes()
-
-
-def elias_fano_decode(code, n, N):
-    """Inverse of elias_fano: bytes, kept count n, mask length N -> bool [N] (numpy)."""
-    low_bits = max(0, int(np.log2(N / max(n, 1))))
-    split = -(-n * low_bits // 8)
-    bits = np.unpackbits(np.frombuffer(code, np.uint8))
-    low = bits[: n * low_bits].reshape(n, low_bits) @ (1 << np.arange(low_bits - 1, -1, -1))
-    high = np.flatnonzero(np.unpackbits(np.frombuffer(code[split:], np.uint8)))[:n] - np.arange(n)
-    mask = np.zeros(N, bool)
-    mask[(high << low_bits) + low] = True
-    return mask
-
-
 # ---------------------------------------------------------------------------------- layers
 
 CHUNK = 2**26  # floats in one working chunk: unpacked masks, or per-decision gradients
@@ -131,15 +106,10 @@ def signed_constant(shape, generator):
 
 class MaskedLayer(nn.Module):
     """Fixed signed-constant weights, the current task's scores, and a bit-packed mask bank.
-
-    Which weights forward() uses:
-      superposed set   -> sum_i alpha_i (W * M_i) = W * sum_i alpha_i M_i (paper Eq. 2); it is
-                          [N] for one superposition or [D, N] for one per decision (the input is
-                          then [D, R, ...]);
-      task < learned   -> W * M_task from the bank (a finished task, frozen);
-      otherwise        -> W * M(scores), the task being trained; scores [P, *shape] train P
-                          tasks at once (the input is then [P, B, ...]).
-    """
+    forward() uses, in this order: a superposition if set (W * sum_i alpha_i M_i, paper Eq. 2;
+    [N], or [D, N], one per decision, for input [D, R, ...]); the stored mask of a finished
+    task; else W * M(scores) of the task being trained (scores [P, *shape]: P tasks at once,
+    for input [P, B, ...])."""
 
     def __init__(self, shape, num_tasks, generator, density=None):
         super().__init__()
@@ -154,36 +124,36 @@ class MaskedLayer(nn.Module):
         self.superposed = None
 
     def new_scores(self, generators):
-        """Fresh scores, one draw per task generator: U(+-1/sqrt(fan_in)), i.e.
-        kaiming_uniform(a=sqrt 5). Several tasks stack to [P, *shape]."""
+        """Fresh scores U(+-1/sqrt(fan_in)) (kaiming_uniform, a = sqrt 5), one draw per task's
+        generator; several stack to [P, *shape]."""
         bound = 1 / math.sqrt(self.fan_in)
         s = [torch.empty(self.weight.shape).uniform_(-bound, bound, generator=g)
              for g in generators]
         self.scores = nn.Parameter((s[0] if len(s) == 1 else torch.stack(s)).to(self.weight.device))
 
-    def masks(self, lo, hi, out=None):
+    def stored_masks(self, lo, hi, out=None):
         """Stored masks of tasks lo..hi-1 as float 0/1, [hi-lo, N]."""
         return unpack(self.bank[lo:hi], self.weight.numel(), out)
 
-    def terms(self, k, reuse=True):
+    def weight_chunks(self, k, reuse=True):
         """(lo, W * M_i for i in lo..lo+c-1, [c, N]) over the first k stored masks, about
-        CHUNK floats at a time: the terms of the superposition. With reuse all chunks share one
-        buffer: use each before asking for the next."""
+        CHUNK floats at a time: the terms of the superposition, unpacked. With reuse all chunks
+        share one buffer: use each before asking for the next."""
         size = max(1, CHUNK // self.weight.numel())
         shape = (min(size, k), self.bank.shape[1] * 8)
         buf = torch.empty(shape, device=self.bank.device) if reuse else None
         for lo in range(0, k, size):
             hi = min(k, lo + size)
-            masks = self.masks(lo, hi, None if buf is None else buf[: hi - lo])
+            masks = self.stored_masks(lo, hi, None if buf is None else buf[: hi - lo])
             yield lo, masks.mul_(self.weight.flatten())
 
-    def superpose(self, alphas, reuse=True, terms=None):
+    def superpose(self, alphas, reuse=True, chunks=None):
         """W * sum_i alphas[..., i] M_i over the first alphas.shape[-1] stored masks (paper
-        Eq. 2): [N] for alphas [k], [D, N] for alphas [D, k]. terms: the (lo, W * M) chunks,
-        if already unpacked."""
+        Eq. 2): [N] for alphas [k], [D, N] for alphas [D, k]. chunks: weight_chunks' (lo,
+        W * M) pairs, if already unpacked."""
         total = None
-        for lo, WM in terms or self.terms(alphas.shape[-1], reuse):
-            part = alphas[..., lo:lo + len(WM)] @ WM
+        for lo, masked in chunks or self.weight_chunks(alphas.shape[-1], reuse):
+            part = alphas[..., lo:lo + len(masked)] @ masked
             total = part if total is None else total + part  # sum() would copy the first
         return total
 
@@ -191,10 +161,10 @@ class MaskedLayer(nn.Module):
         if self.superposed is not None:
             return self.superposed.view(*self.superposed.shape[:-1], *self.weight.shape)
         if self.task < self.num_learned:
-            return self.weight * self.masks(self.task, self.task + 1).view_as(self.weight)
+            return self.weight * self.stored_masks(self.task, self.task + 1).view_as(self.weight)
         if self.scores is None:
             raise RuntimeError(f"task {self.task} has no mask: call start_task first")
-        return masked_weight(self.scores, self.weight, self.density)
+        return scored_weight(self.scores, self.weight, self.density)
 
 
 class MaskedLinear(MaskedLayer):
@@ -247,16 +217,14 @@ class MaskedConv2d(MaskedLayer):
 
 
 def er_density(shape, sparsity):
-    """GG's kept fraction for a layer of weight shape (c_out, c_in, *kernel): the paper's
-    Erdos-Renyi budget min(0.5, s (c_out + c_in) / (c_out c_in k_h k_w)); s is a multiplier,
-    larger s = denser masks (s = 1..32 in the paper)."""
+    """GG's kept fraction for weight shape (c_out, c_in, *kernel): the paper's Erdos-Renyi
+    budget min(0.5, s (c_out + c_in) / (c_out c_in k_h k_w)), s = 1..32 (larger: denser)."""
     return min(0.5, sparsity * (shape[0] + shape[1]) / math.prod(shape))
 
 
 class TaskBatchNorm(nn.Module):
-    """Non-affine BatchNorm with running statistics of its own per task (GG ResNets): task t
-    trains and tests with task t's statistics only, never shared across tasks and never the
-    test batch's (the original's two historic bugs). set_task switches it with the masks."""
+    """Non-affine BatchNorm with running statistics of its own per task (GG ResNets): never
+    shared across tasks, never the test batch's (the original's two historic bugs)."""
 
     def __init__(self, channels, num_tasks):
         super().__init__()
@@ -287,9 +255,8 @@ def task_generator(seed, *key):
 
 
 def set_task(model, t):
-    """Use task t's mask (stored, or the scores being trained when t == num_learned) and, if
-    the model has them, task t's BatchNorm statistics, factors or head: every module with a
-    `task` switches."""
+    """Use task t's mask (stored, or the scores being trained) and its BatchNorm statistics,
+    factors or head, if any: every module with a `task` switches."""
     for m in model.modules():
         if hasattr(m, "task"):
             m.task = t
@@ -304,8 +271,8 @@ def set_alphas(model, alphas):
 
 
 def start_task(model, seed, n=1):
-    """Draw fresh scores for the next n tasks (n > 1: trained at once, stacked) and make them
-    current; returns the scores for the optimizer. Task t's draw is keyed by (seed, t) alone."""
+    """Draw fresh scores, keyed by (seed, task), for the next n tasks (stacked if n > 1) and
+    make them current; -> the scores, for the optimizer."""
     t = num_learned(model)
     generators = [task_generator(seed, t + i, 3) for i in range(n)]
     for m in masked_layers(model):
@@ -318,25 +285,10 @@ def start_task(model, seed, n=1):
 def finish_task(model):
     """Freeze the current task(s): store the binary masks in the bank, drop the float scores."""
     for m in masked_layers(model):
-        masks = mask_of(m.scores.reshape(-1, m.weight.numel()), m.density)  # [P, N]
+        masks = scores_to_mask(m.scores.reshape(-1, m.weight.numel()), m.density)  # [P, N]
         m.bank[m.num_learned:m.num_learned + len(masks)] = pack(masks)
         m.num_learned += len(masks)
         m.scores = None
-
-
-def bank_rows(model, lo, hi):
-    """Tasks lo..hi-1 of the mask bank as one uint8 row per task (its packed masks of every
-    layer, in layer order): the records of a run's masks file."""
-    return torch.cat([m.bank[lo:hi] for m in masked_layers(model)], 1)
-
-
-@torch.no_grad()
-def set_bank_rows(model, rows):
-    """Make rows (bank_rows of tasks 0..k-1) the model's first k learned masks."""
-    layers = masked_layers(model)
-    for m, bank in zip(layers, rows.split([m.bank.shape[1] for m in layers], 1)):
-        m.bank[:len(rows)] = bank.to(m.bank.device)
-        m.num_learned = len(rows)
 
 
 # -------------------------------------------------------------------------- task inference
@@ -347,67 +299,74 @@ def entropy(logits):
     return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
 
 
-def superfluous(logits, real=10):
-    """G: logsumexp over all outputs, with the gradient stopped on the `real` label outputs.
-
-    Its gradient on the superfluous outputs equals that of the training cross-entropy
-    (paper Sec. 3.6), so the right mask is the one along which their mass falls fastest.
-    """
+def g_objective(logits, real=10):
+    """G: logsumexp over all outputs, the gradient stopped on the `real` label outputs: on the
+    superfluous outputs it is the training cross-entropy's (paper Sec. 3.6)."""
     return torch.cat([logits[..., :real].detach(), logits[..., real:]], -1).logsumexp(-1)
 
 
-OBJECTIVES = {"entropy": entropy, "g": superfluous}
+OBJECTIVES = {"entropy": entropy, "g": g_objective}
 
 
-def layer_grads(model, x, weights, superposed, objective):
+def alpha_grads_autograd(model, x, weights, alphas, objective):
+    """dO_b/dalpha for each decision b, O_b = sum_r weights[b, r] objective(model(x[b, r])), at
+    alphas [k] or alphas[b]: plain autograd, one decision at a time. What alpha_grads computes
+    (the tests' oracle)."""
+    grads = []
+    for b in range(len(x)):
+        a = (alphas if alphas.dim() == 1 else alphas[b]).detach().clone().requires_grad_()
+        set_alphas(model, a)
+        grads.append(torch.autograd.grad((objective(model(x[b])) * weights[b]).sum(), a)[0])
+    set_task(model, num_learned(model))  # drops the superposition
+    return torch.stack(grads)
+
+
+def alpha_grads(model, x, weights, alphas, objective):
+    """What alpha_grads_autograd gives (to float rounding), batched: -> [D, k]. x [D, R, ...],
+    weights [D, R] (1/R each, 0 for padding), alphas [k] (one superposition) or [D, k].
+
+    Layer by layer, d O_b / d alpha_i = <W * M_i, d O_b / d W_eff> (reference Sec. 3.4):
+    superposed forwards and backwards, a chunk of decisions at a time, give each decision's
+    dO_b/dW_eff = sum_r delta_r x_r^T; each chunk of the bank, unpacked once as W * M_i, meets
+    them all in matrix products. Working memory: the activations and a few CHUNKs, whatever k.
+    """
+    layers, k, step = masked_layers(model), alphas.shape[-1], decision_chunk(model)
+    # a layer whose whole bank fits in one chunk is unpacked once here, for every use below
+    banks = [list(m.weight_chunks(k, reuse=False)) if k * m.weight.numel() <= CHUNK else None
+             for m in layers]
+    shared = ([m.superpose(alphas, chunks=b) for m, b in zip(layers, banks)]
+              if alphas.dim() == 1 else None)
+    per_chunk = [inputs_and_deltas(model, x[i:i + step], weights[i:i + step], shared or [
+        m.superpose(alphas[i:i + step], chunks=b) for m, b in zip(layers, banks)], objective)
+        for i in range(0, len(x), step)]
+    g = torch.zeros(len(x), k, device=x.device)
+    for j, m in enumerate(layers):
+        buf = torch.empty(min(step, len(x)), m.weight.numel(), device=x.device)  # reused
+        for lo, masked in banks[j] or m.weight_chunks(k):
+            for i, layer_io in zip(range(0, len(x), step), per_chunk):
+                grads = m.decision_grads(*layer_io[j], buf[:len(layer_io[j][0])])
+                g[i:i + len(grads), lo:lo + len(masked)] += grads @ masked.T
+    return g
+
+
+def inputs_and_deltas(model, x, weights, superposed, objective):
     """Per masked layer, (its input, d O / d its output) for decisions x [D, R, ...] under the
     given superpositions; O = sum_b sum_r weights[b, r] objective(output of x[b, r])."""
-    layers, seen = masked_layers(model), {}
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.update({m: (i[0], o)})) for m in layers]
+    layers, captured = masked_layers(model), {}
+    hooks = [m.register_forward_hook(lambda m, i, o: captured.update({m: (i[0], o)}))
+             for m in layers]
     try:
         with torch.enable_grad():
             for m, s in zip(layers, superposed):
                 m.superposed = s.requires_grad_()  # puts the layer outputs in the graph
             obj = (objective(model(x)) * weights).sum()
-            deltas = torch.autograd.grad(obj, [seen[m][1] for m in layers])
+            deltas = torch.autograd.grad(obj, [captured[m][1] for m in layers])
     finally:
         for m in layers:
             m.superposed = None
         for h in hooks:
             h.remove()
-    return [(seen[m][0].detach(), d) for m, d in zip(layers, deltas)]
-
-
-def alpha_grads(model, x, weights, alphas, objective):
-    """d O_b / d alpha for D independent decisions b, each with its own superposition.
-
-    x [D, R, ...]: the R inputs of each decision; weights [D, R]: their weights in O_b
-    (1/R each, 0 for padding); alphas [k] (one superposition for all) or [D, k]. Uses, layer
-    by layer,  d O_b / d alpha_i = <W * M_i, d O_b / d W_eff>  (reference Sec. 3.4):
-    superposed forwards and backwards to the layer outputs, a chunk of decisions at a time,
-    give each decision's dO_b/dW_eff = sum_r delta_r x_r^T; then each chunk of the bit-packed
-    bank is unpacked once (as W * M_i) and meets every decision in one matrix product per
-    decision chunk.
-    Besides the decisions' layer activations, working memory is a few CHUNKs, whatever k.
-    Returns [D, k]; equals autograd through set_alphas (see the tests).
-    """
-    layers, k, step = masked_layers(model), alphas.shape[-1], decision_chunk(model)
-    # a layer whose whole bank fits in one chunk is unpacked once here, for every use below
-    banks = [list(m.terms(k, reuse=False)) if k * m.weight.numel() <= CHUNK else None
-             for m in layers]
-    shared = ([m.superpose(alphas, terms=b) for m, b in zip(layers, banks)]
-              if alphas.dim() == 1 else None)
-    acts = [layer_grads(model, x[i:i + step], weights[i:i + step], shared or [
-        m.superpose(alphas[i:i + step], terms=b) for m, b in zip(layers, banks)], objective)
-        for i in range(0, len(x), step)]
-    g = torch.zeros(len(x), k, device=x.device)
-    for j, m in enumerate(layers):
-        buf = torch.empty(min(step, len(x)), m.weight.numel(), device=x.device)  # reused
-        for lo, WM in banks[j] or m.terms(k):
-            for i, chunk in zip(range(0, len(x), step), acts):
-                grads = m.decision_grads(*chunk[j], buf[:len(chunk[j][0])])
-                g[i:i + len(grads), lo:lo + len(WM)] += grads @ WM.T
-    return g
+    return [(captured[m][0].detach(), d) for m, d in zip(layers, deltas)]
 
 
 def decision_chunk(model):
@@ -417,117 +376,34 @@ def decision_chunk(model):
 
 @torch.no_grad()
 def infer_tasks(model, x, weights, objective, binary=False):
-    """Infer the task of each decision x[b] ([D, R, ...]) among the learned masks.
-
-    One-shot (paper Eq. 4): alphas = 1/k, t = argmin_i dO/dalpha_i, one gradient.
-    Binary (Sec. 3.3): keep the half of the remaining tasks with the smallest gradient and
-    repeat with alphas uniform over them, until one is left: exactly ceil(log2 k) rounds.
-    Only learned tasks are candidates. A call reads the mask bank once per round for all its
-    decisions (and, in binary rounds, once per chunk of decisions to superpose): pass many
-    decisions per call. Returns (tasks [D], rounds).
-    """
+    """(tasks [D], rounds): the task of each decision x[b] ([D, R, ...]) among the learned
+    masks. One-shot (paper Eq. 4): alphas = 1/k, t = argmin_i dO/dalpha_i. Binary (Sec. 3.3):
+    keep the half of the remaining tasks with the smallest gradient, alphas uniform over them,
+    until one is left: ceil(log2 k) rounds. A round reads the bank once for all decisions of
+    the call: pass many."""
     k = num_learned(model)
     if k == 1:
         return torch.zeros(len(x), dtype=torch.long, device=x.device), 0
     g = alpha_grads(model, x, weights, torch.full((k,), 1 / k, device=x.device), objective)
     if not binary:
         return g.argmin(1), 1
-    good, n, rounds = torch.ones_like(g, dtype=torch.bool), k, 0
+    remaining, n, rounds = torch.ones_like(g, dtype=torch.bool), k, 0
     while True:
         # rank the remaining tasks by gradient (ties by index); keep the lower ceil(n/2)
-        rank = g.masked_fill(~good, math.inf).argsort(dim=1, stable=True).argsort(dim=1)
+        rank = g.masked_fill(~remaining, math.inf).argsort(dim=1, stable=True).argsort(dim=1)
         n, rounds = -(-n // 2), rounds + 1
-        good = rank < n
+        remaining = rank < n
         if n == 1:
-            return good.int().argmax(1), rounds
-        g = alpha_grads(model, x, weights, good / n, objective)
-
-
-# --------------------------------------------------------------- HopSupSup (paper Sec. 3.5)
-
-
-class StraightThrough(torch.autograd.Function):
-    """1[s >= 0] forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, s):
-        return (s >= 0).float()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class NeuronMask(nn.Module):
-    """A non-affine BatchNorm on batch statistics (in training and testing) whose output is
-    multiplied by a binary mask over its neurons, one per task: task t < num_learned reads its
-    stored mask, otherwise the mask is 1[scores >= 0] of the scores being trained or recovered
-    (they start at 0: all neurons on). The stored masks are also kept as attractors of a
-    Hopfield matrix psi (Storkey's rule), from which recover() finds a mask without the task."""
-
-    def __init__(self, features, num_tasks):
-        super().__init__()
-        self.register_buffer("bank", torch.zeros(num_tasks, features, dtype=torch.bool))
-        self.register_buffer("psi", torch.zeros(features, features))
-        self.scores = nn.Parameter(torch.zeros(features))
-        self.task, self.num_learned = 0, 0
-
-    def mask(self):
-        if self.task < self.num_learned:
-            return self.bank[self.task].float()
-        return StraightThrough.apply(self.scores)
-
-    def forward(self, x):
-        return F.batch_norm(x, None, None, training=True) * self.mask()
-
-    @torch.no_grad()
-    def remember(self):
-        """Store the current mask as task num_learned's and add it to psi: with z = 2m - 1,
-        h = psi z,  psi += (z z^T - I - z h^T - h z^T) / d  (Storkey 1997)."""
-        z = 2 * (self.scores >= 0).float() - 1
-        self.bank[self.num_learned] = z > 0
-        h, d = self.psi @ z, len(z)
-        self.psi += (torch.outer(z, z) - torch.eye(d, device=z.device) - torch.outer(z, h)
-                     - torch.outer(h, z)) / d
-        self.num_learned += 1
-
-    def energy(self):
-        """Hopfield energy -1/2 s^T psi s of s = 2 mask - 1 (straight-through to the scores)."""
-        s = 2 * StraightThrough.apply(self.scores) - 1
-        return -0.5 * s @ self.psi @ s
-
-
-def neuron_masks(model):
-    return [m for m in model.modules() if isinstance(m, NeuronMask)]
-
-
-def recover(model, batches, gamma=1.5e-3, lr=500.0):
-    """Find the mask of unlabelled batches (HopSupSup, paper Sec. 3.5): scores start at the
-    mean of the stored +-1 masks, then one SGD step (lr 500, momentum 0.9, weight decay 1e-4)
-    per batch b of N on (1 - (b+1)/N) H + gamma (b+1)/N sum_layers energy: entropy first, the
-    Hopfield energy more and more. Yields each step's masks (one bool tensor per layer)."""
-    layers, batches = neuron_masks(model), list(batches)
-    with torch.no_grad():
-        for m in layers:
-            k = m.num_learned
-            m.scores = nn.Parameter((2 * m.bank[:k].float() - 1).mean(0))
-            m.task = k  # past the stored masks: the scores decide
-    opt = torch.optim.SGD([m.scores for m in layers], lr=lr, momentum=0.9, weight_decay=1e-4)
-    for b, x in enumerate(batches):
-        w = (b + 1) / len(batches)
-        loss = (1 - w) * entropy(model(x)).mean() + gamma * w * sum(m.energy() for m in layers)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        yield [m.scores.detach() >= 0 for m in layers]
+            return remaining.int().argmax(1), rounds
+        g = alpha_grads(model, x, weights, remaining / n, objective)
 
 
 # -------------------------------------------------------------------------- train and test
 
 
-def plain_mlp(model):
-    """The masked layers of `model` if it is masked linear layers with threshold masks and ReLU
-    between them, training its current scores of one task (nets.mlp in GN and NNs), else None."""
+def threshold_mlp_layers(model):
+    """The masked layers of `model` if it is threshold-masked linear layers with ReLUs between
+    them, training one task's scores (nets.mlp in GN and NNs); else None (autograd)."""
     mods = list(model) if isinstance(model, nn.Sequential) else []
     layers = mods[::2]
     if len(mods) % 2 and all(isinstance(r, nn.ReLU) for r in mods[1::2]) and all(
@@ -540,12 +416,12 @@ def plain_mlp(model):
 
 @torch.no_grad()
 def mlp_step(layers, x, y):
-    """(loss, the scores' gradients) of a plain_mlp on one batch, x [..., B, in], y [..., B],
-    with the backward written out: the ops autograd runs, in its order, so the same numbers bit
-    for bit (a test checks it), without recording a graph: 7-16% faster on a LeNet step here."""
-    acts, weights, y = [x.reshape(-1, x.shape[-1])], [], y.flatten()
+    """(loss, the scores' gradients) of threshold_mlp_layers on one batch, x [..., B, in] and
+    y [..., B], with the backward written out: the ops autograd runs, in its order, so the same
+    numbers bit for bit (a test checks it), without recording a graph (faster; docs/speed.md)."""
+    acts, weights, y = [x.reshape(-1, x.shape[-1])], [], y.flatten()  # each layer's input
     for i, m in enumerate(layers):
-        weights.append(threshold_weight(m.scores, m.weight))
+        weights.append(threshold_masked(m.scores, m.weight))
         out = torch.mm(acts[-1], weights[-1].t())
         acts.append(out.relu_() if i < len(layers) - 1 else out)
     logp = acts[-1].log_softmax(1)
@@ -560,14 +436,11 @@ def mlp_step(layers, x, y):
 
 
 def train_steps(model, batches, opt, accum=1):
-    """One optimizer step of cross-entropy per (x, y) batch; returns the mean loss.
-
-    x [B, ...] and y [B] for one task, or x [P, B, ...] and y [P, B] for P tasks trained at
-    once: their losses are summed, so each task gets the gradient it would get alone. A plain
-    threshold MLP training one task takes mlp_step, the same numbers without autograd. With
-    accum > 1 each batch goes through in that many parts whose gradients add up to the
-    batch's (less memory for the same step; BatchNorm then sees the parts)."""
-    total, n, layers = 0.0, 0, plain_mlp(model)
+    """One optimizer step of cross-entropy per (x, y) batch; -> the mean loss. x [B, ...] and
+    y [B], or [P, B, ...] and [P, B] for P tasks at once (losses summed: each task gets its own
+    gradient). A threshold MLP takes mlp_step (the same numbers). accum > 1 splits each batch
+    into parts whose gradients add up (less memory; BatchNorm sees the parts)."""
+    total, n, layers = 0.0, 0, threshold_mlp_layers(model)
     for x, y in batches:
         tasks = y.numel() // y.shape[-1]
         if layers and tasks == 1 and accum == 1:

@@ -20,7 +20,9 @@ import torch
 
 import bench
 import data
+import gg_data
 import harness
+import hopsupsup
 import nets
 import run_gg
 import run_gn
@@ -179,7 +181,7 @@ def test_checkpoints_and_mask_files_that_are_not_what_the_run_wrote(tmp_path, ca
     out = str(tmp_path / "nns2")
     run_nns.main(nns_args(folder, "--tasks", "2", "--eval-at", "1", "--out", out))
     state = harness.load_tensors(os.path.join(out, "ckpt.pt"))
-    harness.save_checkpoint(out, {**state, "task": 1})  # task 2 is to come: the files are read
+    harness.save_checkpoint(out, {**state, "learned": 1})  # task 2 is to come: files are read
     name, _ = state["files"][0]
     path = os.path.join(out, "masks", name)
     good = open(path, "rb").read()
@@ -203,13 +205,12 @@ def test_a_finished_run_prints_its_summary_without_its_data(tmp_path, capsys):
 
 def test_a_finished_hopsupsup_run_prints_its_summary(tmp_path, capsys):
     folder = write_fake_mnist(str(tmp_path / "mnist"))
-    argv = ["--dataset", "splitmnist", "--model", "bnnet", "--infer", "hopfield", "--tasks",
-            "2", "--steps", "3", "--data", folder, "--device", DEVICE, "--out",
+    argv = ["--tasks", "2", "--steps", "3", "--data", folder, "--device", DEVICE, "--out",
             str(tmp_path / "hop")]
-    rows = run_gn.main(argv)
+    rows = hopsupsup.main(argv)
     capsys.readouterr()
-    assert run_gn.main(argv) == rows
-    assert "learned 2:" in capsys.readouterr().out
+    assert hopsupsup.main(argv) == rows
+    assert "[GNu hopsupsup] learned 2:" in capsys.readouterr().out
 
 
 def test_gg_task_runs_refuse_other_flags_and_corrupt_checkpoints_and_read_little(
@@ -259,13 +260,13 @@ def test_resume_compares_only_the_arguments_that_define_the_run(tmp_path, capsys
     argv = gn_args(folder, "--out", out)
     full = run_gn.main(gn_args(folder, "--out", str(tmp_path / "full")))
     state = interrupted(monkeypatch, run_gn.main, argv)
-    old = {k: v for k, v in state["args"].items() if k != "recovery_lr"}  # made before it was
+    old = {k: v for k, v in state["args"].items() if k != "parallel"}  # made before it was
     harness.save_checkpoint(out, {**state, "args": {**old, "retired": 3}})  # and with a flag
     assert timeless(run_gn.main(argv)) == timeless(full)  # since gone: resumes all the same
     state = interrupted(monkeypatch, run_gn.main, gn_args(folder, "--out", out + "2"))
     harness.save_checkpoint(out + "2", {**state, "args": old})
-    fails(capsys, lambda: run_gn.main(gn_args(folder, "--out", out + "2", "--recovery-lr", "7")),
-          "recovery_lr: (no such flag) -> 7.0")
+    fails(capsys, lambda: run_gn.main(gn_args(folder, "--out", out + "2", "--parallel", "2")),
+          "parallel: (no such flag) -> 2")
     harness.save_checkpoint(out + "2", {**state, "args": {**state["args"], "retired": 3,
                                                           "given": ["retired"]}})
     fails(capsys, lambda: run_gn.main(gn_args(folder, "--out", out + "2")),
@@ -398,27 +399,27 @@ def test_accumulated_parts_give_the_batch_gradient():
 
 
 def test_crops_and_flips_are_drawn_once_an_epoch(tmp_path, monkeypatch):
-    root = data.synthetic_cifar100(str(tmp_path))
+    root = gg_data.synthetic_cifar100(str(tmp_path))
     p = run_gg.get_parser()
     args = run_gg.resolve(p.parse_args(["--data", root, "--batch-size", "4"]), p)
-    tasks = run_gg.TensorTasks(args, "cpu")
-    calls, draws = [], data.crop_flip_draws
-    monkeypatch.setattr(data, "crop_flip_draws", lambda *a, **k: calls.append(a) or draws(*a, **k))
+    tasks = gg_data.TensorTasks(args, "cpu")
+    calls, draws = [], gg_data.crop_flip_draws
+    monkeypatch.setattr(gg_data, "crop_flip_draws", lambda *a, **k: calls.append(a) or draws(*a, **k))
     batches = list(tasks.train_batches(0, epoch=0))
     assert len(batches) == 8 and len(calls) == 1 and calls[0][0] == 30  # 30 images, 1 draw
     x, _ = tasks.task(0, train=True)
     g = supsup.task_generator(args.seed, 0, 5, 0)
     order = torch.randperm(30, generator=g)
     top, left, flip = draws(30, g, "cpu")
-    expect = data.crop_flip(x[order], top, left, flip)
+    expect = gg_data.crop_flip(x[order], top, left, flip)
     assert torch.equal(torch.cat([b for b, _ in batches]), expect)
 
 
 def test_image_loaders_pin_memory_only_for_cuda(tmp_path):
-    data.synthetic_imagefolder(str(tmp_path), classes=2, per_class=1)
-    images = data.ImageFolder(os.path.join(tmp_path, "val"), False, size=16)
+    gg_data.synthetic_imagefolder(str(tmp_path), classes=2, per_class=1)
+    images = gg_data.ImageFolder(os.path.join(tmp_path, "val"), False, size=16)
     for device, pinned in (("cpu", False), ("cuda", True), ("cuda:1", True)):
-        assert data.task_loader(images, torch.tensor([0]), False, 1, 0,
+        assert gg_data.task_loader(images, torch.tensor([0]), False, 1, 0,
                                 device=device).pin_memory == pinned
 
 
@@ -445,5 +446,5 @@ def test_plot_skips_rows_that_do_not_parse_and_reports_folders_without_args(tmp_
     for name, line in (("mid-row", 3), ("mid-number", 3), ("short-row", 4)):
         assert f"{name}/results.csv, line {line}: skipped" in err
     runs = curves[("fig3_permuted_lenet", "SupSup (GNu, H)", 2)]
-    finals = sorted(plot.final(rows) for _, rows, _ in runs)
+    finals = sorted(plot.last_point(rows) for _, rows, _ in runs)
     assert finals == [(np.mean([0.9, 0.8]), 200, 2), (0.9, 200, 2), (0.9, 200, 2)]  # no 0.0, "20"

@@ -1,0 +1,117 @@
+"""Tests of the experiment scripts: run_all.sh's runs and lanes, plot.py's figures and table."""
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+
+import hopsupsup
+import run_gg
+import run_gn
+import run_nns
+from conftest import write_fake_mnist
+
+
+def run_all(timeout=60, **env):
+    out = subprocess.run(["bash", os.path.join(os.path.dirname(__file__), "run_all.sh")],
+                         env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_run_all_lists_every_figure_with_valid_flags(tmp_path):
+    scripts = {"run_gg.py": run_gg, "run_gn.py": run_gn, "run_nns.py": run_nns,
+               "hopsupsup.py": hopsupsup}
+    for quick in ("0", "1"):
+        lines = run_all(LIST="1", QUICK=quick, SEEDS="3", DATA="my data", OUT="my runs")
+        names = {shlex.split(line)[-1].split("/")[-1] for line in lines}
+        for fig in ("fig2-splitcifar100", "fig2-splitimagenet", "fig3-permuted-lenet",
+                    "fig3-permuted-fc1024", "fig4-gnu2500", "fig4-nns", "fig5-rotated",
+                    "fig5-oneshot-batche", "fig6-lenet", "fig6-fc1024", "fig7-hopsupsup"):
+            assert any(n.startswith(fig) for n in names), fig
+        assert len(names) == len(lines)  # every run has its own folder
+        for line in lines:  # each command's flags parse and pass the script's checks
+            argv = shlex.split(line)  # (quoted: the folders have spaces)
+            assert argv[0] == "python" and argv[1] in scripts
+            assert argv[argv.index("--out") + 1].startswith("my runs/")
+            module = scripts[argv[1]]
+            p = module.get_parser()
+            module.resolve(p.parse_args(argv[2:]), p)
+    only = run_all(LIST="1", SEEDS="1", ONLY="lenet-(batche|psp)")
+    assert [line.split("/")[-1] for line in only] == ["fig3-permuted-lenet-batche-seed1",
+                                                      "fig3-permuted-lenet-psp-seed1"]
+    out = tmp_path / "o u t"
+    lanes = run_all(DRY_RUN="1", GPUS="0,1,2,3", SEEDS="1", OUT=str(out))
+    assert lanes[0] == "[lanes 0 1 2 3] each takes the next run of the queue:"
+    assert all(line.startswith("[queue] python ") for line in lanes[1:])
+    assert not out.exists()  # a dry run creates nothing
+
+
+def test_run_all_lanes_share_one_queue_and_quote_their_folders(tmp_path):
+    folder = write_fake_mnist(str(tmp_path / "my data"))
+    out = tmp_path / "my runs"
+    os.makedirs(out / "fig3-permuted-lenet-psp-seed1")
+    (out / "fig3-permuted-lenet-psp-seed1" / ".done").touch()  # finished: skipped
+    (out / ".failed").write_text("an older failure\n")
+    lines = run_all(timeout=300, QUICK="1", SEEDS="1", GPUS="0,1", DATA=folder, OUT=str(out),
+                    ONLY="fig3-permuted-lenet-(batche|psp|upper-bound|lower-bound)")
+    assert lines[0] == f"MNIST: ready in {folder}" and lines[-1].startswith("all 4 runs done")
+    taken = sorted(line.split("] ")[1] for line in lines[1:-1])
+    assert taken == ["fig3-permuted-lenet-batche-seed1", "fig3-permuted-lenet-lower-bound-seed1",
+                     "fig3-permuted-lenet-upper-bound-seed1"]  # once each, psp skipped
+    assert {line.split("]")[0] for line in lines[1:-1]} == {"[lane 0", "[lane 1"}
+    for name in taken:
+        assert (out / name / ".done").exists() and (out / name / "results.csv").exists()
+        assert "learned 3" in (out / name / "log.txt").read_text()
+    assert sorted(os.listdir(out)) == sorted(  # no queue left, the old failure list gone
+        taken + ["fig3-permuted-lenet-psp-seed1", "synthetic"])
+
+
+def test_plot_draws_every_figure_and_the_table(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed")
+    import plot
+
+    def run(name, args, accs, extra=None):  # a run folder as the scripts write it
+        folder = tmp_path / "runs" / name
+        os.makedirs(folder)
+        (folder / "args.json").write_text(json.dumps(args))
+        rows = [dict(num_learned=k, task=t, acc=a, bytes=100 * k) for k, a in accs for t in
+                range(k)]
+        (folder / "results.csv").write_text("num_learned,task,acc,bytes\n" + "".join(
+            f"{r['num_learned']},{r['task']},{r['acc']},{r['bytes']}\n" for r in rows))
+        if extra:
+            (folder / "hopfield.csv").write_text(extra)
+
+    gn = dict(method="supsup", model="lenet", scenario="GNu", objective="entropy",
+              infer="oneshot", dataset="permuted", output_size=100, tasks=3)
+    for seed, acc in ((1, 0.9), (2, 0.8)):
+        run(f"h{seed}", {**gn, "seed": seed}, [(2, acc), (3, acc)])
+        run(f"gg{seed}", dict(workers=8, method="supsup", sparsity=8, dataset="splitcifar100",
+                              tasks=2, seed=seed), [(2, acc)])
+    run("gg-s4", dict(workers=8, method="supsup", sparsity=4, dataset="splitcifar100", tasks=2,
+                      seed=1), [(2, 0.7)])
+    run("nns", dict(check_every=100, tasks=3), [(3, 0.5)])
+    run("hop", {**gn, "infer": "hopfield", "dataset": "splitmnist", "model": "bnnet"},
+        [(2, 0.99)], "num_learned,task,step,layer,hamming\n2,0,1,0,5\n2,0,1,1,3\n2,0,2,0,0\n"
+                     "2,0,2,1,0\n")
+    written = plot.main([str(tmp_path / "runs"), "--out", str(tmp_path / "figs")])
+    assert sorted(os.path.basename(p) for p in written) == [
+        "fig2_splitcifar100.png", "fig3_permuted_lenet.png", "fig4_2500.png",
+        "fig6_output_size_lenet.png", "fig7_hopsupsup.png"]
+    for path in written:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "figs" / "results.md").read_text()
+    assert "| fig3_permuted_lenet | SupSup (GNu, H) | 2 | 3 | 0.8500 +- 0.0500 | 300 |" in md
+    assert "| fig2_splitcifar100 | supsup s=8 | 2 | 2 | 0.8500 +- 0.0500 | 200 |" in md
+    assert "| fig2_splitcifar100 | supsup s=4 | 1 | 2 | 0.7000 +- 0.0000 | 200 |" in md
+    assert plot.hamming(str(tmp_path / "runs" / "hop")) == {1: 8.0, 2: 0.0}
+    # a run that differs in another argument than the seed is a curve of its own, named so
+    run("h-lr", {**gn, "seed": 3, "lr": 0.5}, [(2, 0.1), (3, 0.1)])
+    run("h-lr-given", {**gn, "seed": 4, "lr": 0.5, "given": ["lr", "seed"]}, [(2, 0.2), (3, 0.2)])
+    curves = plot.read_runs(str(tmp_path / "runs"))
+    lenet = {label: len(runs) for (fig, label, _), runs in curves.items()
+             if fig == "fig3_permuted_lenet"}
+    assert lenet == {"SupSup (GNu, H), lr=None": 2, "SupSup (GNu, H), lr=0.5": 2}
+    assert "import torch" not in open(plot.__file__).read()
