@@ -162,8 +162,8 @@ def evaluate(model, test_x, test_y, args, device, mask_of_task=None):
     mask_of_task[t]: the mask of task t (default: mask t; run_nns.py passes the mask that
     learned it). The deciding images of many tasks' test batches go through infer_tasks
     together, so that each pass over the mask bank serves many decisions."""
-    own = list(range(num_learned(model))) if mask_of_task is None else mask_of_task
-    k, n, bs = len(own), len(test_x), args.test_batch_size
+    masks = list(range(num_learned(model))) if mask_of_task is None else mask_of_task
+    k, n, bs = len(masks), len(test_x), args.test_batch_size
     starts = torch.arange(0, n, bs, device=device)
     idx = starts[:, None] + torch.arange(args.infer_examples, device=device)
     valid = idx < (starts + bs).clamp(max=n)[:, None]  # the last batch may be short
@@ -177,22 +177,22 @@ def evaluate(model, test_x, test_y, args, device, mask_of_task=None):
         tasks, deciding, correct = range(lo, min(k, lo + group)), [], []
         for t in tasks:
             x, y = test_set(test_x, test_y, args, t)
-            supsup.set_task(model, own[t])
+            supsup.set_task(model, masks[t])
             correct.append(supsup.predict(model, x) == y)
             deciding.append(x[idx.clamp(max=n - 1)])
         inferred, _ = supsup.infer_tasks(model, torch.cat(deciding),
                                          weights.repeat(len(tasks), 1),
                                          supsup.OBJECTIVES[args.objective], args.infer == "binary")
         for t, right, guess in zip(tasks, correct, inferred.view(len(tasks), -1)):
-            hits = right & (guess == own[t])[batch_of]
+            hits = right & (guess == masks[t])[batch_of]
             if args.scenario != "GNu":  # score the wrongly inferred batches with their masks
                 x, y = test_set(test_x, test_y, args, t)
-                for b in (guess != own[t]).nonzero().flatten().tolist():
+                for b in (guess != masks[t]).nonzero().flatten().tolist():
                     supsup.set_task(model, int(guess[b]))
                     sl = slice(b * bs, min(n, b * bs + bs))
                     hits[sl] = supsup.predict(model, x[sl]) == y[sl]
             rows.append(dict(task=t, acc=hits.sum().item() / n,
-                             task_acc=(guess == own[t]).sum().item() / len(guess),
+                             task_acc=(guess == masks[t]).sum().item() / len(guess),
                              given_acc=right.sum().item() / n, n_test=n))
     return rows
 

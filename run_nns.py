@@ -180,9 +180,10 @@ def setup(args, device, slots, state):
         if task + 1 in args.eval_at:
             began = clock()
             masks.candidates(state["allocated"])
-            own = [max(range(state["allocated"]), key=lambda i: state["trained"].get((i, t), 0))
-                   for t in range(task + 1)]
-            rows = run_gn.evaluate(model, test_x, test_y, args, device, own)
+            trained_most = [max(range(state["allocated"]),  # the mask of each task
+                                key=lambda i: state["trained"].get((i, t), 0))
+                            for t in range(task + 1)]
+            rows = run_gn.evaluate(model, test_x, test_y, args, device, trained_most)
             for r in rows:
                 r.update(scenario="NNs", dataset="permuted", model=args.model, method="supsup",
                          infer="oneshot", objective="entropy", seed=args.seed,

@@ -200,7 +200,7 @@ class MaskedConv2d(MaskedLayer):
             y = F.conv2d(x.reshape(-1, *x.shape[-3:]), w, None, self.stride, self.padding)
             return y.view(*x.shape[:-3], *y.shape[-3:])
         # one weight per decision: x is [D, R, C, H, W]; fold the decisions into conv groups
-        D, R = x.shape[:2]
+        D = len(x)
         y = F.conv2d(x.transpose(0, 1).flatten(1, 2), w.flatten(0, 1), None, self.stride,
                      self.padding, groups=D)
         return y.unflatten(1, (D, -1)).transpose(0, 1)
@@ -208,7 +208,7 @@ class MaskedConv2d(MaskedLayer):
     def decision_grads(self, x, delta, out):
         """dO_b/dW_eff per decision: x [D, R, C, H, W], delta [D, R, out, H', W'] -> [D, N]
         (a new tensor: conv2d_weight has no out)."""
-        D, R = x.shape[:2]
+        D = len(x)
         shape = (D * len(self.weight), *self.weight.shape[1:])
         g = torch.nn.grad.conv2d_weight(x.transpose(0, 1).flatten(1, 2), shape,
                                         delta.transpose(0, 1).flatten(1, 2), self.stride,
@@ -419,19 +419,19 @@ def mlp_step(layers, x, y):
     """(loss, the scores' gradients) of threshold_mlp_layers on one batch, x [..., B, in] and
     y [..., B], with the backward written out: the ops autograd runs, in its order, so the same
     numbers bit for bit (a test checks it), without recording a graph (faster; docs/speed.md)."""
-    acts, weights, y = [x.reshape(-1, x.shape[-1])], [], y.flatten()  # each layer's input
+    inputs, weights, y = [x.reshape(-1, x.shape[-1])], [], y.flatten()  # each layer's input
     for i, m in enumerate(layers):
         weights.append(threshold_masked(m.scores, m.weight))
-        out = torch.mm(acts[-1], weights[-1].t())
-        acts.append(out.relu_() if i < len(layers) - 1 else out)
-    logp = acts[-1].log_softmax(1)
+        out = torch.mm(inputs[-1], weights[-1].t())
+        inputs.append(out.relu_() if i < len(layers) - 1 else out)
+    logp = inputs[-1].log_softmax(1)
     g = torch.zeros_like(logp).scatter_(1, y[:, None], -1 / len(y))  # d mean NLL / d logp
     g = torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
     grads = [None] * len(layers)
     for i in reversed(range(len(layers))):
-        grads[i] = torch.mm(g.t(), acts[i]).mul_(layers[i].weight)  # straight-through: * W
+        grads[i] = torch.mm(g.t(), inputs[i]).mul_(layers[i].weight)  # straight-through: * W
         if i:
-            g = torch.mm(g, weights[i]).masked_fill_(acts[i] <= 0, 0)  # through the ReLU
+            g = torch.mm(g, weights[i]).masked_fill_(inputs[i] <= 0, 0)  # through the ReLU
     return F.nll_loss(logp, y), grads
 
 
