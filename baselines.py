@@ -1,11 +1,12 @@
 """The comparison methods of the paper's figures, each a small class with one interface that
 run_gn.py and run_gg.py drive (GEM's shape: one method, one class):
 
-    method = cls(net, num_tasks, seed, lr, trunk_lr, optimizer, multi_head)
+    method = cls(net, args, optimizer, multi_head)   # net(layers) -> the network
     method.start(t)           before task t: what it trains, and its optimizer (method.opt)
     method.train(batches)     one step per (x, y) batch of task t; -> the mean loss
-    method.finish(t)          after task t
-    method.bytes(k)           bytes that serving tasks 0..k-1 keeps
+    method.finish(t, batches) after task t; batches: task t's training data again
+    method.bytes(k)           bytes that serving tasks 0..k-1 keeps, right after task k-1
+    method.state(), load(s)   what a checkpoint keeps of it; method.log: rows of diagnostics
     method.model              the network; supsup.set_task(method.model, t) switches its task
 
 GN and GG are the two harnesses' tables: a method is one class here and one entry there.
@@ -163,10 +164,11 @@ class Baseline:
     trunk_tasks = 0  # how many tasks train the shared weights (0: a random trunk, a seed)
     read_right_after = False  # a task is scored right after its training, not at the end
 
-    def __init__(self, net, num_tasks, seed, lr, trunk_lr, optimizer, multi_head):
-        self.model = net(DenseLayers(num_tasks, seed, **self.dense_options(multi_head)))
-        self.num_tasks, self.lr, self.trunk_lr, self.optimizer = num_tasks, lr, trunk_lr, optimizer
-        self.opt = None
+    def __init__(self, net, args, optimizer, multi_head):
+        self.model = net(DenseLayers(args.tasks, args.seed, **self.dense_options(multi_head)))
+        self.num_tasks, self.seed, self.lr, self.trunk_lr = args.tasks, args.seed, args.lr, \
+            args.trunk_lr
+        self.optimizer, self.opt, self.log = optimizer, None, []
 
     def dense_options(self, multi_head):
         return self.layers
@@ -182,8 +184,15 @@ class Baseline:
     def train(self, batches, accum=1):
         return supsup.train_steps(self.model, batches, self.opt, accum)
 
-    def finish(self, t):
+    def finish(self, t, batches):
         self.model.eval()
+
+    def state(self):
+        return dict(model=self.model.state_dict(), log=self.log)
+
+    def load(self, state):
+        self.model.load_state_dict(state["model"])
+        self.log = state["log"]
 
     def shared_bytes(self):
         """The shared weights (fp32) and BatchNorm statistics (fp32 mean and variance)."""
@@ -278,6 +287,10 @@ def adam(params, lr):
 
 def rmsprop(params, lr):
     return torch.optim.RMSprop(params, lr)
+
+
+def sgd(params, lr):
+    return torch.optim.SGD(params, lr)
 
 
 # run_gn.py's comparison lines (Figs. 3, 5, 6): 10 outputs shared by every task, the task given

@@ -235,6 +235,7 @@ def run(args):
                     r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
                              method=args.method, infer=args.infer, objective=args.objective,
                              seed=args.seed, num_learned=t + 1, train_seconds="", bytes=size,
+                             learned_acc="",
                              seconds=round(clock(), 1))
                     state["rows"].append(r)
             state.update(model=model.state_dict(), learned=t + 1)

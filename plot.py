@@ -86,7 +86,12 @@ def optional_int(s):
     return int(s) if s else None
 
 
-RESULTS = {"num_learned": int, "task": int, "acc": unit, "bytes": optional_int}
+def optional_unit(s):
+    return unit(s) if s else None
+
+
+RESULTS = {"num_learned": int, "task": int, "acc": unit, "bytes": optional_int,
+           "given_acc": optional_unit, "learned_acc": optional_unit}
 HOPFIELD = {"num_learned": int, "task": int, "step": int, "hamming": int}
 
 
@@ -224,22 +229,52 @@ def draw(figure, curves, out):
     return path
 
 
+def metrics(rows):
+    """(ACC, BWT, forgetting, learning accuracy) of one run, exactly as peers.md Sec. 7 defines
+    them, from R[i][j]: the accuracy on task j, the task given, once i tasks are learned. R is
+    known at the run's evaluation points and on its diagonal R[j + 1][j] (right after task j's
+    training: learned_acc, or GG's row then); the max of the forgetting runs over the points
+    known. None where the run kept no diagonal (NNs, HopSupSup)."""
+    R = {}
+    for r in rows:
+        given = r.get("given_acc")
+        R.setdefault(r["num_learned"], {})[r["task"]] = r["acc"] if given is None else given
+        if r.get("learned_acc") is not None:
+            R.setdefault(r["task"] + 1, {})[r["task"]] = r["learned_acc"]
+    T = max(r["num_learned"] for r in rows)
+    if any(j not in R.get(j + 1, {}) for j in range(T)):
+        return None
+    acc = np.mean([R[T][j] for j in range(T)])
+    learning = np.mean([R[j + 1][j] for j in range(T)])
+    if T == 1:
+        return acc, 0.0, 0.0, learning
+    bwt = np.mean([R[T][j] - R[j + 1][j] for j in range(T - 1)])
+    forgetting = np.mean([max(R[i][j] for i in range(j + 1, T) if j in R.get(i, {})) - R[T][j]
+                          for j in range(T - 1)])
+    return acc, bwt, forgetting, learning
+
+
 def table(curves):
-    """Markdown: per figure and curve, the final accuracy (mean +- std over runs) and bytes,
-    with the paper's number where it gives one."""
-    lines = ["| figure | curve | runs | tasks | accuracy | bytes | paper |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown: per figure and curve, the final accuracy (mean +- std over runs), ACC, BWT,
+    forgetting and learning accuracy (metrics; mean +- std), and bytes, with the paper's
+    number where it gives one."""
+    lines = ["| figure | curve | runs | tasks | accuracy | ACC | BWT | forgetting | learning acc "
+             "| bytes | paper |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (figure, label, _), runs in sorted(curves.items()):
         groups = {}  # SupSup in GG: a line per sparsity
         for a, rows, _ in runs:
             s = f" s={a['sparsity']:g}" if "workers" in a and label.startswith("supsup") else ""
-            groups.setdefault(label + s, []).append(last_point(rows))
-        for name, finals in groups.items():
+            groups.setdefault(label + s, []).append((last_point(rows), metrics(rows)))
+        for name, runs_of in groups.items():
+            finals = [f for f, _ in runs_of]
             accs = [f[0] for f in finals]
             size = f"{int(np.mean([f[1] for f in finals])):,}" if finals[0][1] else ""
+            known = [m for _, m in runs_of if m is not None]
+            cells = [f"{np.mean(v):.4f} +- {np.std(v):.4f}" for v in zip(*known)] if \
+                len(known) == len(runs_of) else [""] * 4
             lines.append(f"| {figure} | {name} | {len(finals)} | {finals[0][2]} | "
-                         f"{np.mean(accs):.4f} +- {np.std(accs):.4f} | {size} | "
-                         f"{PAPER.get((figure, name), '')} |")
+                         f"{np.mean(accs):.4f} +- {np.std(accs):.4f} | {' | '.join(cells)} | "
+                         f"{size} | {PAPER.get((figure, name), '')} |")
     return "\n".join(lines) + "\n"
 
 

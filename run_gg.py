@@ -27,6 +27,8 @@ import baselines
 import gg_data
 import harness
 import nets
+import peers
+import run_gn
 import supsup
 from gg_data import DATASETS, IMAGE_NETS
 from harness import non_negative_float, non_negative_int, positive_float, positive_int
@@ -38,7 +40,8 @@ PAPER = {  # the paper's settings (Sec. 4.1); SplitMNIST and PermutedMNIST are n
     "splitmnist": dict(model="lenet", tasks=5, epochs=5, batch_size=128, wd=1e-4, warmup=0),
     "permuted": dict(model="lenet", tasks=250, epochs=2, batch_size=128, wd=1e-4, warmup=0),
 }
-METHODS = ("supsup", "supsup-transfer", *baselines.GG)
+COMPARISONS = {**baselines.GG, **peers.GG}
+METHODS = ("supsup", "supsup-transfer", *COMPARISONS)
 INDEPENDENT = ("supsup", "batche-randw", "separate-heads-randw")  # task i needs no other task
 COLUMNS = ("scenario,dataset,model,method,sparsity,density,seed,num_learned,task,acc,"
            "bytes,paper_bytes,train_seconds,seconds").split(",")
@@ -59,7 +62,7 @@ def get_parser():
                         "(on random W); separate-heads(-randw): a dense head per task, same "
                         "trunks; upper-bound: one dense network trained through the tasks, each "
                         "read right after its training; lower-bound: the same with a head per "
-                        "task, read at the end")
+                        "task, read at the end; ewc, er, agem, tag (peers.py)")
     p.add_argument("--sparsity", type=positive_float, default=8,
                    help="SupSup's s of the per-layer density min(0.5, s (c_out + c_in) / (c_out "
                         "c_in k_h k_w)); larger is denser; the paper uses 1, 2, 4, 8, 16, 32")
@@ -95,6 +98,7 @@ def get_parser():
                    help="bfloat16 autocast in training and testing (for CUDA)")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format for the conv nets (for CUDA)")
+    peers.add_args(p)
     p.add_argument("--task", type=int, default=None,
                    help="learn and score only task i (0-based), in OUT/taski/, to spread the "
                         "tasks over GPUs or machines; when the last is done, OUT/results.csv "
@@ -110,7 +114,10 @@ def resolve(args, parser):
     most = PAPER[args.dataset]["tasks"]
     args.tasks = args.tasks or most
     if args.lr is None:
-        args.lr = baselines.GG[args.method][1]["lr"] if args.method in baselines.GG else 1e-3
+        args.lr = COMPARISONS[args.method][1]["lr"] if args.method in COMPARISONS else 1e-3
+    for k, v in COMPARISONS.get(args.method, (None, {}))[1].items():  # its own flags' defaults
+        if getattr(args, k, "") is None:
+            setattr(args, k, v)
     if args.tasks > most:
         parser.error(f"--tasks {args.tasks}: {args.dataset} has {most} tasks")
     if args.accum_steps > args.batch_size:
@@ -149,13 +156,11 @@ class SupSup:
         layers = nets.SupermaskLayers(args.tasks, args.seed, args.sparsity)
         self.model, self.seed, self.lr, self.optimizer = network(args, layers), args.seed, \
             args.lr, optimizer
-        self.score_sum = None
-        if args.method == "supsup-transfer":
-            self.score_sum = [torch.zeros_like(m.weight) for m in supsup.masked_layers(self.model)]
+        self.transfer, self.score_sum = args.method == "supsup-transfer", None
 
     def start(self, t, n=1):
         params = supsup.start_task(self.model, self.seed, n)
-        if self.score_sum is not None and t > 0:
+        if self.transfer and t > 0:
             with torch.no_grad():
                 for s, total in zip(params, self.score_sum):
                     s.copy_(total / t)
@@ -167,12 +172,24 @@ class SupSup:
         return supsup.train_steps(self.model, batches, self.opt, accum)
 
     @torch.no_grad()
-    def finish(self, t):
+    def finish(self, t, batches):
         self.model.eval()
-        if self.score_sum is not None:  # (transfer learns one task at a time)
-            for m, total in zip(supsup.masked_layers(self.model), self.score_sum):
+        if self.transfer:  # (transfer learns one task at a time)
+            layers = supsup.masked_layers(self.model)
+            if self.score_sum is None:
+                self.score_sum = [torch.zeros_like(m.weight) for m in layers]
+            for m, total in zip(layers, self.score_sum):
                 total += m.scores
         supsup.finish_task(self.model)
+
+    def state(self):
+        return dict(model=self.model.state_dict(), score_sum=self.score_sum, log=[])
+
+    def load(self, state):
+        self.model.load_state_dict(state["model"])
+        device = next(self.model.buffers()).device
+        self.score_sum = [s.to(device) for s in state["score_sum"]] if state["score_sum"] \
+            else None
 
     def task_bytes(self, t):
         """(bytes, paper_bytes) that task t adds: its BatchNorm statistics (fp32 mean and
@@ -190,20 +207,22 @@ class SupSup:
 
 
 def learner(args):
-    """The run's method: SupSup, SupSup Transfer, or a comparison method of baselines.GG."""
+    """The run's method: SupSup, SupSup Transfer, or a comparison method (COMPARISONS)."""
     def adam(params, lr):
         return torch.optim.Adam(params, lr=lr, weight_decay=args.wd)
-    if args.method in baselines.GG:
-        return baselines.GG[args.method][0](lambda layers: network(args, layers), args.tasks,
-                                            args.seed, args.lr, args.trunk_lr, adam, True)
+    if args.method in COMPARISONS:
+        cls, settings = COMPARISONS[args.method]
+        return cls(lambda layers: network(args, layers), args, settings.get("optimizer", adam),
+                   True)
     return SupSup(args, adam)
 
 
-def task_size(method, t):
-    """(bytes, paper_bytes) that task t adds to what serving the tasks keeps."""
+def task_size(method, t, sizes):
+    """(bytes, paper_bytes) that learning task t added to what serving the tasks keeps, right
+    after it (sizes: the earlier tasks')."""
     if isinstance(method, SupSup):
         return method.task_bytes(t)
-    size = method.bytes(t + 1) - method.bytes(t)
+    size = method.bytes(t + 1) - sum(s[0] for s in sizes)
     return size, size
 
 
@@ -269,7 +288,7 @@ def train_task(method, tasks, t, args, n=1):
         with precision(args, tasks.device):
             loss = method.train(formatted(batches, args), args.accum_steps)
         schedule.step()
-    method.finish(t)
+    method.finish(t, formatted(tasks.train_batches(t, 0), args))
     return loss
 
 
@@ -317,9 +336,8 @@ def setup(args, device):
 
 
 def write_outputs(out, state):
-    """results.csv, derived from the checkpoint's state (harness.run_tasks)."""
-    if state["rows"]:
-        harness.write_csv(os.path.join(out, "results.csv"), state["rows"], COLUMNS)
+    """results.csv and diagnostics.csv, derived from the checkpoint's state (run_gn's)."""
+    run_gn.write_outputs(out, state, COLUMNS)
 
 
 def run(args):
@@ -330,11 +348,9 @@ def run(args):
     def setup_run(state):
         tasks, method, density = setup(args, device)
         if state["learned"]:
-            method.model.load_state_dict(state["model"])
             for m in supsup.masked_layers(method.model):
                 m.num_learned = state["learned"]
-            if isinstance(method, SupSup) and method.score_sum is not None:
-                method.score_sum = [s.to(device) for s in state["score_sum"]]
+            method.load(state["method"])
 
         def step(state, clock):
             t0, began = state["learned"], clock()
@@ -343,7 +359,7 @@ def run(args):
             harness.check_finite(loss, t0, "--lr")
             state["train_seconds"] += [round((clock() - began) / n, 2)] * n
             for t in range(t0, t0 + n):
-                state["sizes"].append(task_size(method, t))
+                state["sizes"].append(task_size(method, t, state["sizes"]))
                 state["accs"][t] = accuracy(method.model, tasks, t, args)
                 scored = state["accs"]  # read right after: every task as right after its training
                 if t + 1 == args.tasks and not method.read_right_after:
@@ -352,14 +368,12 @@ def run(args):
                                          density, round(clock(), 1))
                 print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
                       f"{state['accs'][t]:.4f}  {state['train_seconds'][t]:.1f}s", flush=True)
-            state.update(model=method.model.state_dict(), learned=t0 + n)
-            if getattr(method, "score_sum", None) is not None:
-                state["score_sum"] = method.score_sum
+            state.update(method=method.state(), learned=t0 + n)
         return step
 
     return harness.run_tasks(args, device, setup_run, lambda s: write_outputs(args.out, s),
                              lambda s: summary(s["rows"], s["learned"]),
-                             keys=("accs", "sizes", "train_seconds"),
+                             keys=("accs", "sizes", "train_seconds", "method"),
                              start=dict(accs={}, sizes=[], train_seconds=[]))["rows"]
 
 
@@ -395,7 +409,7 @@ def run_task(args, device):
                 harness.check_finite(loss, args.task, "--lr")
                 state.update(learned=1, train_seconds=round(clock(), 2), density=density,
                              acc=accuracy(method.model, tasks, args.task, args),
-                             size=task_size(method, args.task))
+                             size=task_size(method, args.task, []))
                 harness.save_tensors(os.path.join(sub, "model.pt"),
                                      task_state(method.model, args.task))
             return step

@@ -20,6 +20,7 @@ import baselines
 import data
 import harness
 import nets
+import peers
 import supsup
 from harness import positive_float, positive_int
 from nets import NETS
@@ -32,8 +33,9 @@ PAPER = {  # the paper's settings per data set (Sec. 4.2)
                     infer_examples=128, eval_at=[2, 5, 10, 15, 20, 25, 30, 35]),
 }
 OUTPUT_SIZE = {"lenet": 100, "fc1024": 500}  # PermutedMNIST, Fig. 3
+COMPARISONS = {**baselines.GN, **peers.GN}  # the comparison methods: the task is given
 COLUMNS = ("scenario,dataset,model,method,infer,objective,seed,num_learned,task,acc,task_acc,"
-           "given_acc,n_test,bytes,train_seconds,seconds").split(",")
+           "given_acc,learned_acc,n_test,bytes,train_seconds,seconds").split(",")
 
 
 def get_parser():
@@ -48,13 +50,14 @@ def get_parser():
     p.add_argument("--output-size", type=positive_int, default=None,
                    help="outputs s, 10 labelled + s-10 superfluous [default: lenet 100, fc1024 "
                         "500; rotated: 200; comparison methods: 10]")
-    p.add_argument("--method", choices=["supsup", *baselines.GN], default="supsup",
-                   help="supsup, or a comparison method (baselines.py): batche (rank-one "
-                        "factors on a trunk trained on task 0), psp (one weight matrix, a "
-                        "random orthogonal context per task and layer), upper-bound (a dense "
-                        "net trained through the tasks, each read right after its training), "
-                        "lower-bound (the same, read at the end); these have 10 outputs and are "
-                        "given the task (--infer given) unless batche infers it (--infer oneshot)")
+    p.add_argument("--method", choices=["supsup", *COMPARISONS], default="supsup",
+                   help="supsup, or a comparison method: batche (rank-one factors on a trunk "
+                        "trained on task 0), psp (one weight matrix, a random orthogonal "
+                        "context per task and layer), upper-bound (a dense net trained through "
+                        "the tasks, each read right after its training), lower-bound (the "
+                        "same, read at the end) (baselines.py); ewc, er, agem, tag (peers.py); "
+                        "these have 10 outputs and are given the task (--infer given) unless "
+                        "batche infers it (--infer oneshot)")
     p.add_argument("--scenario", choices=["GNu", "GNs"], default="GNu",
                    help="GNu: a batch with a wrong inferred task scores 0; GNs: scored with "
                         "the inferred mask")
@@ -84,19 +87,25 @@ def get_parser():
                    help="train this many tasks at once as one batched computation (same "
                         "seeds, results within float rounding; it did not pay on a CPU and "
                         "has not been measured on a GPU)")
+    p.add_argument("--validation", action="store_true",
+                   help="score on the last 10,000 training images, trained on the other 50,000, "
+                        "instead of the test set (to choose hyperparameters)")
+    peers.add_args(p)
     harness.add_common_args(p)
     return p
 
 
 def resolve(args, parser):
     """Fill the data-set-dependent defaults and check the flags that depend on each other."""
-    baseline = args.method in baselines.GN
+    baseline = args.method in COMPARISONS
     if baseline:
-        settings = baselines.GN[args.method][1]
+        settings = COMPARISONS[args.method][1]
         args.infer = args.infer or "given"
         args.output_size = args.output_size or 10
-        args.trunk_lr = args.trunk_lr or settings["trunk_lr"]
-        args.lr = args.lr or settings.get("lr", args.trunk_lr)
+        for k, v in settings.items():  # the method's own flags at its defaults
+            if getattr(args, k, "") is None:
+                setattr(args, k, v)
+        args.lr = args.lr or args.trunk_lr
     args.lr = args.lr or 1e-4
     for k, v in PAPER[args.dataset].items():
         if getattr(args, k) is None:
@@ -105,7 +114,7 @@ def resolve(args, parser):
         args.output_size = OUTPUT_SIZE[args.model]
     allowed = ["oneshot", "binary"]  # (a comparison method is given the task, or infers it)
     if baseline:
-        allowed = ["given"] + ["oneshot"] * hasattr(baselines.GN[args.method][0], "infer_tasks")
+        allowed = ["given"] + ["oneshot"] * hasattr(COMPARISONS[args.method][0], "infer_tasks")
     if args.infer not in allowed:
         parser.error(f"--method {args.method} takes --infer {' or '.join(allowed)}")
     if args.output_size < 10:
@@ -116,10 +125,19 @@ def resolve(args, parser):
         parser.error(f"--infer-examples {args.infer_examples} exceeds --test-batch-size "
                      f"{args.test_batch_size}")
     args.eval_at = sorted({k for k in args.eval_at if k < args.tasks} | {args.tasks})
-    args.out = args.out or os.path.join("runs", "gn-{}-{}-{}-{}{}-{}-{}-T{}-seed{}".format(
+    args.out = args.out or os.path.join("runs", "gn-{}-{}-{}-{}{}-{}-{}-T{}-seed{}{}".format(
         args.method, args.scenario, args.dataset, args.model, args.output_size, args.infer,
-        args.objective, args.tasks, args.seed))
+        args.objective, args.tasks, args.seed, "-validation" * args.validation))
     return args
+
+
+def load_data(args, device):
+    """MNIST's train and test sets; with --validation the last 10,000 training images stand in
+    for the test set."""
+    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    if args.validation:
+        return train_x[:-10000], train_y[:-10000], train_x[-10000:], train_y[-10000:]
+    return train_x, train_y, test_x, test_y
 
 
 def task_batches(x, y, pix, t, args):
@@ -226,26 +244,30 @@ def evaluate_given(method, test_x, test_y, args, k, accs):
     return rows
 
 
-def write_outputs(out, state):
-    """results.csv, derived from the checkpoint's state (harness.run_tasks)."""
+def write_outputs(out, state, columns=COLUMNS):
+    """results.csv, and a method's diagnostics.csv, derived from the checkpoint's state
+    (harness.run_tasks)."""
     if state["rows"]:
-        harness.write_csv(os.path.join(out, "results.csv"), state["rows"], COLUMNS)
+        harness.write_csv(os.path.join(out, "results.csv"), state["rows"], columns)
+    log = state.get("method", {}).get("log")
+    if log:
+        harness.write_csv(os.path.join(out, "diagnostics.csv"), log, list(log[0]))
 
 
 def run(args):
     device = harness.get_device(args.device)
     weights, units = nets.mlp_weights(args.model, args.output_size)
-    if args.method in baselines.GN:
+    if args.method in COMPARISONS:
         harness.ensure_fits(4 * (4 * weights + 3 * args.tasks * units), device,
                             f"--tasks {args.tasks} of {args.method} on {args.model}")
-        setup, keys, start = setup_comparison, ("accs", "train_seconds", "model"), \
+        setup, keys, start = setup_comparison, ("accs", "train_seconds", "method"), \
             dict(accs={}, train_seconds=[])
     else:
         harness.ensure_fits(args.tasks * weights // 8 + 4 * (2 + args.parallel) * weights,
                             device, f"the masks of --tasks {args.tasks} on {args.model} with "
                                     f"--output-size {args.output_size}")
-        setup, keys, start = setup_supsup, ("crcs", "train_seconds"), \
-            dict(crcs=[], train_seconds=[])
+        setup, keys, start = setup_supsup, ("crcs", "accs", "train_seconds"), \
+            dict(crcs=[], accs={}, train_seconds=[])
     return harness.run_tasks(args, device, lambda state: setup(args, device, state),
                              lambda state: write_outputs(args.out, state),
                              lambda state: summary(args, state["rows"], state["learned"]),
@@ -255,7 +277,7 @@ def run(args):
 def setup_supsup(args, device, state):
     """SupSup's run: the data and the model, its learned masks read back from masks.bin; ->
     the step that learns the next --parallel tasks (never across an evaluation point)."""
-    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    train_x, train_y, test_x, test_y = load_data(args, device)
     model = NETS[args.model](args.output_size, args.tasks, args.seed).to(device)
     masks_file = os.path.join(args.out, "masks.bin")
     if state["learned"]:
@@ -271,12 +293,13 @@ def setup_supsup(args, device, state):
         harness.check_finite(loss, t, "--lr")
         state["train_seconds"] += [(clock() - began) / (stop - t)] * (stop - t)
         state["crcs"][t:] = harness.append_masks(masks_file, model, t, stop)
-        for i in range(t, stop):
+        for i in range(t, stop):  # the accuracy right after training, the task given
+            x, y = test_set(test_x, test_y, args, i)
             supsup.set_task(model, i)
-            acc = (supsup.predict(model, test_x.index_select(1, pix[i - t])) == test_y)
+            state["accs"][i] = (supsup.predict(model, x) == y).float().mean().item()
             per_task = clock() / (i + 1)
             print(f"[{args.scenario}] task {i + 1}/{args.tasks}  loss {loss:.3f}  acc "
-                  f"{acc.float().mean().item():.4f}  {per_task:.1f}s/task  eta "
+                  f"{state['accs'][i]:.4f}  {per_task:.1f}s/task  eta "
                   f"{per_task * (args.tasks - i - 1) / 60:.0f}m", flush=True)
         state["learned"] = stop
         if stop in args.eval_at:
@@ -286,7 +309,7 @@ def setup_supsup(args, device, state):
                 r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
                          method="supsup", infer=args.infer, objective=args.objective,
                          seed=args.seed, num_learned=stop, seconds=round(clock(), 1),
-                         bytes=mask_bytes(model, stop),
+                         bytes=mask_bytes(model, stop), learned_acc=state["accs"][r["task"]],
                          train_seconds=round(state["train_seconds"][r["task"]], 2))
             state["rows"] += rows
             print(summary(args, state["rows"], stop) + f"  eval {clock() - began:.1f}s",
@@ -295,16 +318,16 @@ def setup_supsup(args, device, state):
 
 
 def setup_comparison(args, device, state):
-    """A comparison method's run (baselines.GN): the data and the method's network; -> the
-    step that learns the next task."""
-    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-    cls, settings = baselines.GN[args.method]
+    """A comparison method's run (COMPARISONS): the data and the method's network; -> the step
+    that learns the next task."""
+    train_x, train_y, test_x, test_y = load_data(args, device)
+    cls, settings = COMPARISONS[args.method]
     method = cls(lambda layers: NETS[args.model](args.output_size, args.tasks, args.seed,
                                                  layers=layers),
-                 args.tasks, args.seed, args.lr, args.trunk_lr, settings["optimizer"], False)
+                 args, settings["optimizer"], False)
     method.model.to(device)
     if state["learned"]:
-        method.model.load_state_dict(state["model"])
+        method.load(state["method"])
 
     def step(state, clock):
         t, began = state["learned"], clock()
@@ -312,7 +335,7 @@ def setup_comparison(args, device, state):
         pix = data.PIXEL_MAPS[args.dataset](args.seed, t).to(device)
         loss = method.train(task_batches(train_x, train_y, pix[None], t, args))
         harness.check_finite(loss, t, "--trunk-lr" if t < method.trunk_tasks else "--lr")
-        method.finish(t)
+        method.finish(t, task_batches(train_x, train_y, pix[None], t, args))
         state["train_seconds"].append(clock() - began)
         x, y = test_set(test_x, test_y, args, t)
         state["accs"][t] = (supsup.predict(method.model, x) == y).float().mean().item()
@@ -324,11 +347,12 @@ def setup_comparison(args, device, state):
                 r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
                          method=args.method, infer=args.infer, objective="entropy",
                          seed=args.seed, num_learned=t + 1, bytes=size,
+                         learned_acc=state["accs"][r["task"]],
                          train_seconds=round(state["train_seconds"][r["task"]], 2),
                          seconds=round(clock(), 1))
                 state["rows"].append(r)
             print(summary(args, state["rows"], t + 1), flush=True)
-        state.update(model=method.model.state_dict(), learned=t + 1)
+        state.update(method=method.state(), learned=t + 1)
     return step
 
 

@@ -188,6 +188,7 @@ def setup(args, device, slots, state):
                 r.update(scenario="NNs", dataset="permuted", model=args.model, method="supsup",
                          infer="oneshot", objective="entropy", seed=args.seed,
                          num_learned=task + 1, masks=state["allocated"], train_seconds="",
+                         learned_acc="",
                          bytes=run_gn.mask_bytes(model, state["allocated"]),
                          seconds=round(clock(), 1))
             state["rows"] += rows

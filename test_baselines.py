@@ -1,6 +1,8 @@
 """Tests of the comparison methods (baselines.py) in both harnesses: their layers against dense
 references, and what each stores, counted by hand."""
 
+import argparse
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,8 +152,9 @@ def test_gn_baselines_run_and_store_as_counted(tmp_path, method):
 
 
 def test_oneshot_batche_gradients_per_decision_in_any_chunking(monkeypatch):
-    method = baselines.BatchEnsemble(lambda layers: nets.lenet(50, 4, seed=0, layers=layers), 4,
-                                     0, 1e-2, 1e-4, baselines.adam, False)
+    args = argparse.Namespace(tasks=4, seed=0, lr=1e-2, trunk_lr=1e-4)
+    method = baselines.BatchEnsemble(lambda layers: nets.lenet(50, 4, seed=0, layers=layers),
+                                     args, baselines.adam, False)
     model, x = method.model, torch.randn(6, 1, 784)
     expect = []
     for b in range(6):  # one decision at a time, by plain autograd

@@ -355,7 +355,7 @@ def test_gg_parallel_tasks_match_sequential_and_bf16_channels_last_run(tmp_path)
     assert [(r["num_learned"], r["task"]) for r in par] == [(r["num_learned"], r["task"])
                                                             for r in seq]
     assert all(abs(a["acc"] - b["acc"]) <= 0.002 for a, b in zip(seq, par))
-    state = [harness.load_tensors(tmp_path / d / "ckpt.pt")["model"]
+    state = [harness.load_tensors(tmp_path / d / "ckpt.pt")["method"]["model"]
              for d in ("seq", "par")]
     for k, v in state[0].items():
         if k.endswith("bank"):  # each task's stored mask, as learned alone

@@ -103,9 +103,10 @@ def test_plot_draws_every_figure_and_the_table(tmp_path):
     for path in written:
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "figs" / "results.md").read_text()
-    assert "| fig3_permuted_lenet | SupSup (GNu, H) | 2 | 3 | 0.8500 +- 0.0500 | 300 |" in md
-    assert "| fig2_splitcifar100 | supsup s=8 | 2 | 2 | 0.8500 +- 0.0500 | 200 |" in md
-    assert "| fig2_splitcifar100 | supsup s=4 | 1 | 2 | 0.7000 +- 0.0000 | 200 |" in md
+    none = "|  |  |  |  |"  # (these runs keep no diagonal of R: no ACC, BWT, ...)
+    assert f"| fig3_permuted_lenet | SupSup (GNu, H) | 2 | 3 | 0.8500 +- 0.0500 {none} 300 |" in md
+    assert f"| fig2_splitcifar100 | supsup s=8 | 2 | 2 | 0.8500 +- 0.0500 {none} 200 |" in md
+    assert f"| fig2_splitcifar100 | supsup s=4 | 1 | 2 | 0.7000 +- 0.0000 {none} 200 |" in md
     assert plot.hamming(str(tmp_path / "runs" / "hop")) == {1: 8.0, 2: 0.0}
     # a run that differs in another argument than the seed is a curve of its own, named so
     run("h-lr", {**gn, "seed": 3, "lr": 0.5}, [(2, 0.1), (3, 0.1)])
@@ -115,3 +116,23 @@ def test_plot_draws_every_figure_and_the_table(tmp_path):
              if fig == "fig3_permuted_lenet"}
     assert lenet == {"SupSup (GNu, H), lr=None": 2, "SupSup (GNu, H), lr=0.5": 2}
     assert "import torch" not in open(plot.__file__).read()
+
+
+def test_metrics_from_the_accuracy_matrix_equal_a_hand_computation():
+    import plot
+    # R[i][j], tasks learned i = 1..3: GN's rows at the evaluation points 2 and 3, with the
+    # diagonal in learned_acc; the task given (given_acc) is what counts
+    R = {1: {0: 0.9}, 2: {0: 0.7, 1: 0.8}, 3: {0: 0.8, 1: 0.5, 2: 0.6}}
+    rows = [dict(num_learned=i, task=j, acc=0.0, given_acc=R[i][j], learned_acc=R[j + 1][j])
+            for i in (2, 3) for j in range(i)]
+    acc, bwt, forgetting, learning = plot.metrics(rows)
+    assert acc == pytest.approx((0.8 + 0.5 + 0.6) / 3)
+    assert bwt == pytest.approx(((0.8 - 0.9) + (0.5 - 0.8)) / 2)
+    assert forgetting == pytest.approx(((0.9 - 0.8) + (0.8 - 0.5)) / 2)  # max over l = 1, 2
+    assert learning == pytest.approx((0.9 + 0.8 + 0.6) / 3)
+    # GG's rows: each task right after its training, then every task at the end; frozen
+    # masks: zero backward transfer and forgetting, exactly
+    gg = [dict(num_learned=1, task=0, acc=0.75), dict(num_learned=2, task=1, acc=0.5)] + [
+        dict(num_learned=2, task=j, acc=a) for j, a in ((0, 0.75), (1, 0.5))]
+    assert plot.metrics(gg) == (0.625, 0.0, 0.0, 0.625)
+    assert plot.metrics([dict(num_learned=3, task=0, acc=0.1)]) is None  # no diagonal

@@ -344,7 +344,7 @@ def test_defaults_match_the_paper_and_help(capsys):
     (run_gn.main, ["--lr", "-1"]), (run_gn.main, ["--eval-at", "a,b"]),
     (run_gn.main, ["--output-size", "5"]), (run_gn.main, ["--infer-examples", "200"]),
     (run_gg.main, ["--tasks", "21"]), (run_gg.main, ["--model", "lenet"]),
-    (run_gg.main, ["--method", "ewc"]), (run_gg.main, ["--wd", "-1"])])
+    (run_gg.main, ["--method", "packnet"]), (run_gg.main, ["--wd", "-1"])])
 def test_bad_flags_one_line_error(main, argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
