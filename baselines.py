@@ -1,7 +1,7 @@
 """The comparison methods of the paper's figures, each a small class with one interface that
 run_gn.py and run_gg.py drive (GEM's shape: one method, one class):
 
-    method = cls(net, args, optimizer, multi_head)   # net(layers) -> the network
+    method = cls(net, args, optimizer, multi_head, data)   # net(layers) -> the network
     method.start(t)           before task t: what it trains, and its optimizer (method.opt)
     method.train(batches)     one step per (x, y) batch of task t; -> the mean loss
     method.finish(t, batches) after task t; batches: task t's training data again
@@ -9,7 +9,13 @@ run_gn.py and run_gg.py drive (GEM's shape: one method, one class):
     method.state(), load(s)   what a checkpoint keeps of it; method.log: rows of diagnostics
     method.model              the network; supsup.set_task(method.model, t) switches its task
 
-GN and GG are the two harnesses' tables: a method is one class here and one entry there.
+data(t, epoch) yields task t's training batches (x, y) of an epoch, as the harness trains on
+them: the methods that replay earlier tasks (Model Zoo) draw on it.
+
+GN and GG are the two harnesses' tables: a method is one class and one entry there. The
+paper's lines are the classes here; the continual-learning peers, on the same interface, are
+one class each in their own files, which keeps every file one sitting long: peers.py (EWC, ER,
+A-GEM, TAG), zoo.py (Model Zoo), wsn.py (WSN) and plasticity.py (continual backprop).
 Every method trains the paper's networks with dense layers (DenseLayers): PyTorch's default
 initialisation drawn from the seed, plus BatchE's rank-one factors, PSP's contexts or a head
 per task (reference Sec. 7).
@@ -164,11 +170,11 @@ class Baseline:
     trunk_tasks = 0  # how many tasks train the shared weights (0: a random trunk, a seed)
     read_right_after = False  # a task is scored right after its training, not at the end
 
-    def __init__(self, net, args, optimizer, multi_head):
+    def __init__(self, net, args, optimizer, multi_head, data):
         self.model = net(DenseLayers(args.tasks, args.seed, **self.dense_options(multi_head)))
         self.num_tasks, self.seed, self.lr, self.trunk_lr = args.tasks, args.seed, args.lr, \
             args.trunk_lr
-        self.optimizer, self.opt, self.log = optimizer, None, []
+        self.optimizer, self.opt, self.log, self.data = optimizer, None, [], data
 
     def dense_options(self, multi_head):
         return self.layers

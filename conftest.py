@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from torchvision import datasets
 
 import data
@@ -108,3 +109,20 @@ def timeless(rows):
 def small_args(folder, out, *extra):
     return ["--data", folder, "--out", out, "--tasks", "3", "--steps", "15", "--eval-at", "2",
             "--device", DEVICE, *extra]
+
+
+def task_data(t, n=4, size=5):
+    """n synthetic batches (x [size, 6], y [size] in 0..2) of task t, the same for the same t:
+    the comparison methods' tests' tasks."""
+    g = torch.Generator().manual_seed(t)
+    return [(torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g))
+            for _ in range(n)]
+
+
+def learn(method, tasks=2, **sizes):
+    """A comparison method through `tasks` tasks of task_data(t, **sizes); -> its parameters."""
+    for t in range(tasks):
+        method.start(t)
+        method.train(task_data(t, **sizes))
+        method.finish(t, task_data(t, **sizes))
+    return [p.detach().clone() for p in method.model.parameters()]

@@ -386,6 +386,9 @@ def run_tasks(args, device, setup, write, summary, keys=(), outputs=("results.cs
     state = open_run(out, vars(args), device, ("args", "learned", "rows", "seconds") + keys,
                      outputs)
     if state:
+        # a key of `start` that the checkpoint lacks (added since it was written, like the
+        # plasticity probe) resumes from its start value
+        state = {**(start or {}), **state}
         write(state)
         if state["learned"] == total:
             print(f"{summary(state)}  (finished; {out})")

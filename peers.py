@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, vmap
 
 import baselines
 import supsup
-from harness import UserError
+from harness import UserError, non_negative_float, non_negative_int, positive_float
 
 
 def one_task(batch):
@@ -29,8 +29,8 @@ class FineTune(baselines.LowerBound):
     hooks loss(x, y), adjust() (the gradient before the step) and observe(x, y) (after it) are
     what a method changes."""
 
-    def __init__(self, net, args, optimizer, multi_head):
-        super().__init__(net, args, optimizer, multi_head)
+    def __init__(self, net, args, optimizer, multi_head, data):
+        super().__init__(net, args, optimizer, multi_head, data)
         self.multi_head, self.task, self.generator = multi_head, 0, None
         self.params = list(self.model.parameters())
 
@@ -92,8 +92,8 @@ class EWC(FineTune):
     theta* the parameters after the last task; gradients clipped at norm 100, as TAG's."""
     FISHER_EXAMPLES = 1024
 
-    def __init__(self, net, args, optimizer, multi_head):
-        super().__init__(net, args, optimizer, multi_head)
+    def __init__(self, net, args, optimizer, multi_head, data):
+        super().__init__(net, args, optimizer, multi_head, data)
         self.lam, self.fisher, self.anchor = args.ewc_lambda, None, None
 
     def penalty(self):
@@ -151,8 +151,8 @@ class ER(FineTune):
     examples per class of all the tasks; each step adds the loss of a replayed batch of the
     batch's size, each example scored on its own task's head."""
 
-    def __init__(self, net, args, optimizer, multi_head):
-        super().__init__(net, args, optimizer, multi_head)
+    def __init__(self, net, args, optimizer, multi_head, data):
+        super().__init__(net, args, optimizer, multi_head, data)
         self.per_class, self.seen, self.memory = args.memory, 0, None  # memory: (x, y, task)
 
     def loss(self, x, y):
@@ -198,8 +198,8 @@ class AGEM(FineTune):
     g_ref, when g.g_ref < 0, with g_ref the gradient on a batch (of the batch's size) drawn from
     the memories of the earlier tasks, each example on its own task's head."""
 
-    def __init__(self, net, args, optimizer, multi_head):
-        super().__init__(net, args, optimizer, multi_head)
+    def __init__(self, net, args, optimizer, multi_head, data):
+        super().__init__(net, args, optimizer, multi_head, data)
         self.per_class, self.memories = args.memory, {}  # task -> (x, y)
 
     def reference(self):
@@ -317,8 +317,8 @@ class TAG(FineTune):
     """TAG-RMSProp: one optimizer for the whole run (its per-task moments are the method),
     --tag-b the b of the alphas; logs each task's mean alphas (diagnostics.csv)."""
 
-    def __init__(self, net, args, optimizer, multi_head):
-        super().__init__(net, args, optimizer, multi_head)
+    def __init__(self, net, args, optimizer, multi_head, data):
+        super().__init__(net, args, optimizer, multi_head, data)
         self.tag_b = args.tag_b
 
     def start(self, t):
@@ -357,10 +357,10 @@ class TAG(FineTune):
 # in GG; in GN, where nothing is published for 1000 steps of 128 a task, the choices of a grid
 # on a validation split (docs/results.md).
 GN = {
-    "ewc": (EWC, dict(lr=0.01, ewc_lambda=100.0, optimizer=baselines.sgd)),
-    "er": (ER, dict(lr=0.01, memory=1, optimizer=baselines.sgd)),
-    "agem": (AGEM, dict(lr=0.01, memory=1, optimizer=baselines.sgd)),
-    "tag": (TAG, dict(lr=2.5e-4, tag_b=5.0, optimizer=None)),
+    "ewc": (EWC, dict(lr=0.01, ewc_lambda=10.0, optimizer=baselines.sgd)),
+    "er": (ER, dict(lr=0.03, memory=1, optimizer=baselines.sgd)),
+    "agem": (AGEM, dict(lr=0.03, memory=1, optimizer=baselines.sgd)),
+    "tag": (TAG, dict(lr=2.5e-5, tag_b=5.0, optimizer=None)),
 }
 GG = {
     "ewc": (EWC, dict(lr=0.1, ewc_lambda=1.0, optimizer=baselines.sgd)),
@@ -372,9 +372,8 @@ GG = {
 
 def add_args(p):
     """The peers' own flags (both harnesses); their defaults come from the tables above."""
-    from harness import non_negative_float, non_negative_int, positive_float
     p.add_argument("--ewc-lambda", type=non_negative_float, default=None,
-                   help="ewc: weight of the penalty [default: GN 100, GG 1]")
+                   help="ewc: weight of the penalty [default: GN 10, GG 1]")
     p.add_argument("--memory", type=non_negative_int, default=None,
                    help="er, agem: examples kept per class [default: 1, TAG's]")
     p.add_argument("--tag-b", type=positive_float, default=None,

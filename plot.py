@@ -28,10 +28,14 @@ PAPER = {
     ("fig2_splitimagenet", "batche"): "81.50%, 124.99 MB",
     ("fig2_splitimagenet", "upper-bound"): "92.55%, 10222.81 MB",
     ("fig7_hopsupsup", "HopSupSup"): "exact mask in < 30 steps (Fig. 7)",
+    ("tag_splitcifar100", "tag"): "62.79% (TAG-RMSProp; TAG's split, network and data)",
 }
+# Methods that keep and retrain on earlier tasks' data: their table rows say "replay allowed"
+REPLAY = ("er", "agem", "modelzoo")
 TITLES = {
     "fig2_splitcifar100": "Fig. 2 right: SplitCIFAR100 (GG), accuracy vs bytes",
     "fig2_splitimagenet": "Fig. 2 left: SplitImageNet (GG), accuracy vs bytes",
+    "fig2_splitmnist": "SplitMNIST (GG), LeNet, accuracy vs bytes",
     "fig3_permuted_lenet": "Fig. 3 left: PermutedMNIST, LeNet",
     "fig3_permuted_fc1024": "Fig. 3 right: PermutedMNIST, FC 1024-1024",
     "fig4_2500": "Fig. 4: 2500 tasks, LeNet, 500 outputs",
@@ -40,6 +44,10 @@ TITLES = {
     "fig6_output_size_lenet": "Fig. 6 left: output size, LeNet",
     "fig6_output_size_fc1024": "Fig. 6 right: output size, FC 1024-1024",
     "fig7_hopsupsup": "Fig. 7: HopSupSup mask recovery on SplitMNIST",
+    "tag_splitcifar100": "TAG's protocol: SplitCIFAR100, 1 epoch a task, batch 10",
+    "tag_splitmnist": "TAG's protocol: SplitMNIST, 1 epoch a task, batch 10",
+    "plasticity_permuted_lenet": "Loss of plasticity: PermutedMNIST, LeNet",
+    "plasticity_permuted_fc1024": "Loss of plasticity: PermutedMNIST, FC 1024-1024",
 }
 
 
@@ -48,6 +56,8 @@ def curves_of(a):
     if "check_every" in a:  # run_nns.py
         return [("fig4_2500", "NNs")]
     if "workers" in a:  # run_gg.py: SupSup's sparsities make one curve
+        if (a.get("epochs"), a.get("batch_size")) == (1, 10):  # TAG's protocol
+            return [(f"tag_{a['dataset']}", a["method"])]
         return [(f"fig2_{a['dataset']}", a["method"])]
     if a["infer"] == "hopfield":
         return [("fig7_hopsupsup", "HopSupSup")]
@@ -63,6 +73,10 @@ def curves_of(a):
     out = []
     if method != "supsup" or a["output_size"] == DEFAULT_OUTPUTS[model]:
         out.append((f"fig3_permuted_{model}", label))
+    if method in ("bp", "cbp") or (method == "supsup" and a["output_size"] ==  # (G trains
+                                   DEFAULT_OUTPUTS[model] and a["scenario"] == "GNu"  # as H)
+                                   and a["objective"] == "entropy"):
+        out.append((f"plasticity_permuted_{model}", label))
     if method in ("upper-bound", "lower-bound"):
         out.append((f"fig6_output_size_{model}", label))
     elif method == "supsup" and a["output_size"] in (25, 100, 200):
@@ -93,6 +107,7 @@ def optional_unit(s):
 RESULTS = {"num_learned": int, "task": int, "acc": unit, "bytes": optional_int,
            "given_acc": optional_unit, "learned_acc": optional_unit}
 HOPFIELD = {"num_learned": int, "task": int, "step": int, "hamming": int}
+PROBE = {"num_learned": int, "dormant": float, "stable_rank": int, "newest_acc": float}
 
 
 def read_csv(path, types):
@@ -191,11 +206,57 @@ def band(ax, series, label):
     ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
 
 
+def newest_acc(rows):
+    """{task: its accuracy right after its own training}, from the last evaluation point."""
+    k = max(r["num_learned"] for r in rows)
+    return {r["task"] + 1: r["learned_acc"] for r in rows
+            if r["num_learned"] == k and r.get("learned_acc") is not None}
+
+
+def dormant(folder):
+    """{tasks learned: fraction of dormant units}, from the run's probe.csv."""
+    path = os.path.join(folder, "probe.csv")
+    return {r["num_learned"]: r["dormant"] for r in read_csv(path, PROBE)} \
+        if os.path.exists(path) else {}
+
+
+def save(fig, figure, out):
+    import matplotlib.pyplot as plt
+    path = os.path.join(out, figure + ".png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def draw_plasticity(figure, curves, plt, out):
+    """Loss of plasticity: each task's accuracy right after its training, and the fraction of
+    dormant units on the next task's inputs, against the tasks learned."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for (label, tasks), runs in sorted(curves.items()):
+        for ax, series in ((left, [newest_acc(rows) for _, rows, _ in runs]),
+                           (right, [dormant(folder) for _, _, folder in runs])):
+            if all(series):  # (runs from before results.csv and probe.csv had these)
+                band(ax, series, f"{label}, {tasks} tasks")
+    left.set(xlabel="task", ylabel="accuracy right after its training (newest task)")
+    right.set(xlabel="number of tasks learned", ylabel="dormant units, next task's inputs")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(TITLES.get(figure, figure), fontsize=10)
+    return save(fig, figure, out)
+
+
 def draw(figure, curves, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if figure.startswith("plasticity"):
+        return draw_plasticity(figure, curves, plt, out)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    tab20 = plt.get_cmap("tab20").colors
+    ax.set_prop_cycle(color=tab20[::2] + tab20[1::2])  # 20 colors: the peers make 13 curves
     for (label, tasks), runs in sorted(curves.items()):
         label = f"{label}, {tasks} tasks"
         if figure.startswith("fig2"):  # accuracy against bytes, a point per sparsity
@@ -215,26 +276,25 @@ def draw(figure, curves, out):
         ax.set(xscale="log", xlabel="total bytes", ylabel="mean accuracy")
     elif figure == "fig7_hopsupsup":
         ax.set(xlabel="recovery step (test batch of 64)", ylabel="Hamming distance to the mask")
-    else:
+    else:  # (GG runs score every task at the end only: before it, the newest task)
         ax.set(xlabel="number of tasks learned", ylabel="mean accuracy")
+        ax.xaxis.get_major_locator().set_params(integer=True)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))  # one legend entry per label
-    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1))  # beside the axes: the curves fill them
     ax.set_title(TITLES.get(figure, figure), fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(out, figure + ".png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, figure, out)
 
 
 def metrics(rows):
-    """(ACC, BWT, forgetting, learning accuracy) of one run, exactly as peers.md Sec. 7 defines
-    them, from R[i][j]: the accuracy on task j, the task given, once i tasks are learned. R is
-    known at the run's evaluation points and on its diagonal R[j + 1][j] (right after task j's
-    training: learned_acc, or GG's row then); the max of the forgetting runs over the points
-    known. None where the run kept no diagonal (NNs, HopSupSup)."""
+    """(ACC, BWT, forgetting, learning accuracy) of one run, in their standard definitions (ACC and
+    BWT: Lopez-Paz & Ranzato 2017; forgetting: Chaudhry et al. 2018; learning accuracy: Riemer
+    et al. 2019), from R[i][j]: the accuracy on task j, the task given, once i tasks are
+    learned. R is known at the run's evaluation points and on its diagonal R[j + 1][j] (right
+    after task j's training: learned_acc, or GG's row then); the max of the forgetting runs over
+    the points known. None where the run kept no diagonal (NNs, HopSupSup)."""
     R = {}
     for r in rows:
         given = r.get("given_acc")
@@ -264,6 +324,8 @@ def table(curves):
         groups = {}  # SupSup in GG: a line per sparsity
         for a, rows, _ in runs:
             s = f" s={a['sparsity']:g}" if "workers" in a and label.startswith("supsup") else ""
+            replays = a.get("method") in REPLAY and a.get("zoo_b") != 1  # (b=1: Isolated)
+            s += " (replay allowed)" if replays else ""
             groups.setdefault(label + s, []).append((last_point(rows), metrics(rows)))
         for name, runs_of in groups.items():
             finals = [f for f, _ in runs_of]

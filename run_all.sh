@@ -32,12 +32,13 @@ LIST=${LIST:-0}
 ONLY=${ONLY:-}
 
 CIFAR=$DATA
-GG="" IN="" GN="" GN2500="" NNS="" ROT="" HOP=""
+GG="" IN="" GN="" GN2500="" NNS="" ROT="" HOP="" GN20="--tasks 20"
 if [ "$QUICK" = 1 ]; then  # a few tasks and steps; synthetic CIFAR-100 and ImageNet files
     CIFAR=$OUT/synthetic IMAGENET=$OUT/synthetic/imagenet
     GG="--tasks 2 --epochs 1"
     IN="--tasks 2 --epochs 1 --batch-size 8 --workers 0"
     GN="--tasks 3 --steps 50 --eval-at 1,2"
+    GN20=$GN
     GN2500="--tasks 3 --steps 50 --eval-at 1,2"
     NNS="--tasks 3 --steps 200 --eval-at 1,2"
     ROT="--tasks 3 --steps 50 --eval-at 1,2"
@@ -62,9 +63,16 @@ runs() {
             done
         done
         for m in batche batche-randw separate-heads separate-heads-randw upper-bound \
-                lower-bound; do
+                lower-bound ewc er agem tag modelzoo wsn; do  # the paper's baselines, the peers
             emit "fig2-splitcifar100-$m-seed$seed" python run_gg.py --data "$CIFAR" --method $m \
                 --seed "$seed" $GG
+        done
+        emit "fig2-splitcifar100-modelzoo-b1-seed$seed" python run_gg.py --data "$CIFAR" \
+            --method modelzoo --zoo-b 1 --seed "$seed" $GG  # Model Zoo's "Isolated"
+        # TAG's protocol on SplitCIFAR100: one epoch per task at batch 10 (its paper's)
+        for m in supsup ewc er agem tag; do
+            emit "tag-splitcifar100-$m-seed$seed" python run_gg.py --data "$CIFAR" --method $m \
+                --seed "$seed" $GG --epochs 1 --batch-size 10
         done
         # Fig. 3: PermutedMNIST, 250 tasks; LeNet s=100 (left), FC s=500 (right); H and G
         for model in lenet fc1024; do
@@ -72,10 +80,21 @@ runs() {
                 emit "fig3-permuted-$model-supsup-$obj-seed$seed" python run_gn.py \
                     --data "$DATA" --model $model --objective $obj --seed "$seed" $GN
             done
-            for m in batche psp upper-bound lower-bound; do
+            for m in batche psp upper-bound lower-bound bp cbp; do  # (bp, cbp: plasticity)
                 emit "fig3-permuted-$model-$m-seed$seed" python run_gn.py --data "$DATA" \
                     --model $model --method $m --seed "$seed" $GN
             done
+        done
+        # Model Zoo (b = 5 and Isolated), WSN and SupSup on 20 PermutedMNIST tasks, LeNet
+        for m in supsup modelzoo wsn; do
+            emit "peers-permuted20-$m-seed$seed" python run_gn.py --data "$DATA" --method $m \
+                --seed "$seed" $GN20
+        done
+        emit "peers-permuted20-modelzoo-b1-seed$seed" python run_gn.py --data "$DATA" \
+            --method modelzoo --zoo-b 1 --seed "$seed" $GN20
+        for m in ewc er agem tag; do  # the peers beside Fig. 3 left
+            emit "fig3-permuted-lenet-$m-seed$seed" python run_gn.py --data "$DATA" --method $m \
+                --seed "$seed" $GN
         done
         # Fig. 4: 2500 tasks, LeNet s=500: GNu (H and G) and NNs
         for obj in entropy g; do

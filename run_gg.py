@@ -30,6 +30,8 @@ import nets
 import peers
 import run_gn
 import supsup
+import wsn
+import zoo
 from gg_data import DATASETS, IMAGE_NETS
 from harness import non_negative_float, non_negative_int, positive_float, positive_int
 
@@ -40,7 +42,7 @@ PAPER = {  # the paper's settings (Sec. 4.1); SplitMNIST and PermutedMNIST are n
     "splitmnist": dict(model="lenet", tasks=5, epochs=5, batch_size=128, wd=1e-4, warmup=0),
     "permuted": dict(model="lenet", tasks=250, epochs=2, batch_size=128, wd=1e-4, warmup=0),
 }
-COMPARISONS = {**baselines.GG, **peers.GG}
+COMPARISONS = {**baselines.GG, **peers.GG, **zoo.GG, **wsn.GG}
 METHODS = ("supsup", "supsup-transfer", *COMPARISONS)
 INDEPENDENT = ("supsup", "batche-randw", "separate-heads-randw")  # task i needs no other task
 COLUMNS = ("scenario,dataset,model,method,sparsity,density,seed,num_learned,task,acc,"
@@ -62,7 +64,8 @@ def get_parser():
                         "(on random W); separate-heads(-randw): a dense head per task, same "
                         "trunks; upper-bound: one dense network trained through the tasks, each "
                         "read right after its training; lower-bound: the same with a head per "
-                        "task, read at the end; ewc, er, agem, tag (peers.py)")
+                        "task, read at the end; ewc, er, agem, tag (peers.py); modelzoo (zoo.py); "
+                        "wsn (wsn.py)")
     p.add_argument("--sparsity", type=positive_float, default=8,
                    help="SupSup's s of the per-layer density min(0.5, s (c_out + c_in) / (c_out "
                         "c_in k_h k_w)); larger is denser; the paper uses 1, 2, 4, 8, 16, 32")
@@ -98,7 +101,8 @@ def get_parser():
                    help="bfloat16 autocast in training and testing (for CUDA)")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format for the conv nets (for CUDA)")
-    peers.add_args(p)
+    for module in (peers, zoo, wsn):  # the comparison methods' own flags
+        module.add_args(p)
     p.add_argument("--task", type=int, default=None,
                    help="learn and score only task i (0-based), in OUT/taski/, to spread the "
                         "tasks over GPUs or machines; when the last is done, OUT/results.csv "
@@ -129,6 +133,9 @@ def resolve(args, parser):
                               or args.dataset == "splitimagenet" or args.model == "resnet50"):
         parser.error("--parallel needs --method supsup, no --task, and a data set in memory "
                      "with a model other than resnet50")
+    if args.method == "modelzoo" and args.dataset == "splitimagenet":
+        parser.error("--method modelzoo replays every task's data, which SplitImageNet's "
+                     "image folders cannot serve: use --dataset splitcifar100 or splitmnist")
     if args.model not in IMAGE_NETS and DATASETS[args.dataset]["channels"] != 1:
         parser.error(f"--model {args.model} takes 28x28 MNIST images; {args.dataset} needs "
                      f"--model {' or '.join(IMAGE_NETS)}")
@@ -206,14 +213,14 @@ class SupSup:
         return ours, paper
 
 
-def learner(args):
+def learner(args, tasks):
     """The run's method: SupSup, SupSup Transfer, or a comparison method (COMPARISONS)."""
     def adam(params, lr):
         return torch.optim.Adam(params, lr=lr, weight_decay=args.wd)
     if args.method in COMPARISONS:
         cls, settings = COMPARISONS[args.method]
         return cls(lambda layers: network(args, layers), args, settings.get("optimizer", adam),
-                   True)
+                   True, lambda t, epoch: formatted(tasks.train_batches(t, epoch), args))
     return SupSup(args, adam)
 
 
@@ -325,7 +332,7 @@ def setup(args, device):
     weights."""
     tasks = (gg_data.FolderTasks if args.dataset == "splitimagenet" else gg_data.TensorTasks)(
         args, device)
-    method = learner(args)
+    method = learner(args, tasks)
     method.model.to(device)
     if args.channels_last:
         method.model.to(memory_format=torch.channels_last)

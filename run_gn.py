@@ -21,7 +21,10 @@ import data
 import harness
 import nets
 import peers
+import plasticity
 import supsup
+import wsn
+import zoo
 from harness import positive_float, positive_int
 from nets import NETS
 from supsup import num_learned
@@ -33,7 +36,7 @@ PAPER = {  # the paper's settings per data set (Sec. 4.2)
                     infer_examples=128, eval_at=[2, 5, 10, 15, 20, 25, 30, 35]),
 }
 OUTPUT_SIZE = {"lenet": 100, "fc1024": 500}  # PermutedMNIST, Fig. 3
-COMPARISONS = {**baselines.GN, **peers.GN}  # the comparison methods: the task is given
+COMPARISONS = {**baselines.GN, **peers.GN, **plasticity.GN, **zoo.GN, **wsn.GN}  # given the task
 COLUMNS = ("scenario,dataset,model,method,infer,objective,seed,num_learned,task,acc,task_acc,"
            "given_acc,learned_acc,n_test,bytes,train_seconds,seconds").split(",")
 
@@ -56,6 +59,7 @@ def get_parser():
                         "context per task and layer), upper-bound (a dense net trained through "
                         "the tasks, each read right after its training), lower-bound (the "
                         "same, read at the end) (baselines.py); ewc, er, agem, tag (peers.py); "
+                        "bp, cbp (plasticity.py); modelzoo (zoo.py); wsn (wsn.py); "
                         "these have 10 outputs and are given the task (--infer given) unless "
                         "batche infers it (--infer oneshot)")
     p.add_argument("--scenario", choices=["GNu", "GNs"], default="GNu",
@@ -90,7 +94,8 @@ def get_parser():
     p.add_argument("--validation", action="store_true",
                    help="score on the last 10,000 training images, trained on the other 50,000, "
                         "instead of the test set (to choose hyperparameters)")
-    peers.add_args(p)
+    for module in (peers, plasticity, zoo, wsn):  # the comparison methods' own flags
+        module.add_args(p)
     harness.add_common_args(p)
     return p
 
@@ -244,11 +249,28 @@ def evaluate_given(method, test_x, test_y, args, k, accs):
     return rows
 
 
+PROBE_COLUMNS = ("method,seed,num_learned,newest_acc,learning_acc,dormant,stable_rank,"
+                 "effective_rank,mean_abs_weight").split(",")
+
+
+def probe_row(model, test_x, args, k, accs):
+    """The plasticity probe (plasticity.probe) of the network as it served task k-1, the newest,
+    on the first PROBE_EXAMPLES test images seen as task k's (the next task's inputs), with
+    the newest task's accuracy right after its training and the mean of those so far."""
+    pix = data.PIXEL_MAPS[args.dataset](args.seed, k).to(test_x.device)
+    supsup.set_task(model, k - 1)
+    return dict(method=args.method, seed=args.seed, num_learned=k, newest_acc=accs[k - 1],
+                learning_acc=sum(accs[i] for i in range(k)) / k,
+                **plasticity.probe(model, test_x[:plasticity.PROBE_EXAMPLES].index_select(1, pix)))
+
+
 def write_outputs(out, state, columns=COLUMNS):
-    """results.csv, and a method's diagnostics.csv, derived from the checkpoint's state
-    (harness.run_tasks)."""
+    """results.csv, probe.csv and a method's diagnostics.csv, derived from the checkpoint's
+    state (harness.run_tasks)."""
     if state["rows"]:
         harness.write_csv(os.path.join(out, "results.csv"), state["rows"], columns)
+    if state.get("probe"):
+        harness.write_csv(os.path.join(out, "probe.csv"), state["probe"], PROBE_COLUMNS)
     log = state.get("method", {}).get("log")
     if log:
         harness.write_csv(os.path.join(out, "diagnostics.csv"), log, list(log[0]))
@@ -261,13 +283,13 @@ def run(args):
         harness.ensure_fits(4 * (4 * weights + 3 * args.tasks * units), device,
                             f"--tasks {args.tasks} of {args.method} on {args.model}")
         setup, keys, start = setup_comparison, ("accs", "train_seconds", "method"), \
-            dict(accs={}, train_seconds=[])
+            dict(accs={}, train_seconds=[], probe=[])
     else:
         harness.ensure_fits(args.tasks * weights // 8 + 4 * (2 + args.parallel) * weights,
                             device, f"the masks of --tasks {args.tasks} on {args.model} with "
                                     f"--output-size {args.output_size}")
         setup, keys, start = setup_supsup, ("crcs", "accs", "train_seconds"), \
-            dict(crcs=[], accs={}, train_seconds=[])
+            dict(crcs=[], accs={}, train_seconds=[], probe=[])
     return harness.run_tasks(args, device, lambda state: setup(args, device, state),
                              lambda state: write_outputs(args.out, state),
                              lambda state: summary(args, state["rows"], state["learned"]),
@@ -296,7 +318,7 @@ def setup_supsup(args, device, state):
         for i in range(t, stop):  # the accuracy right after training, the task given
             x, y = test_set(test_x, test_y, args, i)
             supsup.set_task(model, i)
-            state["accs"][i] = (supsup.predict(model, x) == y).float().mean().item()
+            state["accs"][i] = (supsup.predict(model, x) == y).sum().item() / len(y)  # as evaluate
             per_task = clock() / (i + 1)
             print(f"[{args.scenario}] task {i + 1}/{args.tasks}  loss {loss:.3f}  acc "
                   f"{state['accs'][i]:.4f}  {per_task:.1f}s/task  eta "
@@ -312,6 +334,7 @@ def setup_supsup(args, device, state):
                          bytes=mask_bytes(model, stop), learned_acc=state["accs"][r["task"]],
                          train_seconds=round(state["train_seconds"][r["task"]], 2))
             state["rows"] += rows
+            state["probe"].append(probe_row(model, test_x, args, stop, state["accs"]))
             print(summary(args, state["rows"], stop) + f"  eval {clock() - began:.1f}s",
                   flush=True)
     return step
@@ -322,9 +345,13 @@ def setup_comparison(args, device, state):
     that learns the next task."""
     train_x, train_y, test_x, test_y = load_data(args, device)
     cls, settings = COMPARISONS[args.method]
+
+    def batches_of(t, epoch):  # (every epoch of a task draws the same batches, as ever)
+        pix = data.PIXEL_MAPS[args.dataset](args.seed, t).to(device)
+        return task_batches(train_x, train_y, pix[None], t, args)
     method = cls(lambda layers: NETS[args.model](args.output_size, args.tasks, args.seed,
                                                  layers=layers),
-                 args, settings["optimizer"], False)
+                 args, settings["optimizer"], False, batches_of)
     method.model.to(device)
     if state["learned"]:
         method.load(state["method"])
@@ -332,10 +359,9 @@ def setup_comparison(args, device, state):
     def step(state, clock):
         t, began = state["learned"], clock()
         method.start(t)
-        pix = data.PIXEL_MAPS[args.dataset](args.seed, t).to(device)
-        loss = method.train(task_batches(train_x, train_y, pix[None], t, args))
+        loss = method.train(batches_of(t, 0))
         harness.check_finite(loss, t, "--trunk-lr" if t < method.trunk_tasks else "--lr")
-        method.finish(t, task_batches(train_x, train_y, pix[None], t, args))
+        method.finish(t, batches_of(t, 0))
         state["train_seconds"].append(clock() - began)
         x, y = test_set(test_x, test_y, args, t)
         state["accs"][t] = (supsup.predict(method.model, x) == y).float().mean().item()
@@ -351,6 +377,7 @@ def setup_comparison(args, device, state):
                          train_seconds=round(state["train_seconds"][r["task"]], 2),
                          seconds=round(clock(), 1))
                 state["rows"].append(r)
+            state["probe"].append(probe_row(method.model, test_x, args, t + 1, state["accs"]))
             print(summary(args, state["rows"], t + 1), flush=True)
         state.update(method=method.state(), learned=t + 1)
     return step

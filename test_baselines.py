@@ -154,7 +154,7 @@ def test_gn_baselines_run_and_store_as_counted(tmp_path, method):
 def test_oneshot_batche_gradients_per_decision_in_any_chunking(monkeypatch):
     args = argparse.Namespace(tasks=4, seed=0, lr=1e-2, trunk_lr=1e-4)
     method = baselines.BatchEnsemble(lambda layers: nets.lenet(50, 4, seed=0, layers=layers),
-                                     args, baselines.adam, False)
+                                     args, baselines.adam, False, None)
     model, x = method.model, torch.randn(6, 1, 784)
     expect = []
     for b in range(6):  # one decision at a time, by plain autograd

@@ -111,7 +111,7 @@ def test_gg_zero_forgetting_bit_for_bit_and_per_task_batchnorm(tmp_path, method)
     p = run_gg.get_parser()
     args = run_gg.resolve(p.parse_args(argv), p)
     tasks = gg_data.TensorTasks(args, "cpu")
-    learner = run_gg.learner(args)
+    learner = run_gg.learner(args, tasks)
     net, after = learner.model, []
     for t in range(3):  # the logits of each task's test images right after its training
         run_gg.train_task(learner, tasks, t, args)

@@ -14,7 +14,8 @@ import nets
 import peers
 import run_gg
 import run_gn
-from conftest import DEVICE, small_args, write_fake_mnist
+from conftest import (DEVICE, crash_then_resume, learn, small_args, task_data, timeless,
+                      write_fake_mnist)
 
 
 def make(cls, multi_head, lr=0.05, optimizer=baselines.sgd, tasks=2, **flags):
@@ -22,21 +23,7 @@ def make(cls, multi_head, lr=0.05, optimizer=baselines.sgd, tasks=2, **flags):
     args = argparse.Namespace(**{**dict(tasks=tasks, seed=0, lr=lr, trunk_lr=lr,
                                         ewc_lambda=0.0, memory=0, tag_b=5.0), **flags})
     return cls(lambda layers: nets.mlp([6, 8], 3, tasks, 0, layers=layers), args, optimizer,
-               multi_head)
-
-
-def task_data(t, n=4, size=5):
-    g = torch.Generator().manual_seed(t)
-    return [(torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g))
-            for _ in range(n)]
-
-
-def learn(method, tasks=2):
-    for t in range(tasks):
-        method.start(t)
-        method.train(task_data(t))
-        method.finish(t, task_data(t))
-    return [p.detach().clone() for p in method.model.parameters()]
+               multi_head, lambda t, epoch: task_data(t))
 
 
 @pytest.mark.parametrize("multi_head", [False, True])
@@ -145,9 +132,13 @@ def test_every_peer_runs_two_splitcifar100_tasks_and_stores_what_is_counted(tmp_
 
 
 @pytest.mark.parametrize("method", sorted(peers.GN))
-def test_every_peer_runs_permuted_mnist_and_stores_what_is_counted(tmp_path, method):
+def test_every_peer_runs_permuted_mnist_and_stores_what_is_counted(tmp_path, method,
+                                                                      monkeypatch):
     folder = write_fake_mnist(str(tmp_path / "mnist"))
     rows = run_gn.main(small_args(folder, str(tmp_path / "run"), "--method", method))
+    resumed = crash_then_resume(monkeypatch, run_gn.main, small_args(  # killed after task 2
+        folder, str(tmp_path / "resumed"), "--method", method), at=2)
+    assert timeless(resumed) == timeless(rows)
     assert [(r["num_learned"], r["task"]) for r in rows] == [(2, 0), (2, 1), (3, 0), (3, 1),
                                                              (3, 2)]
     assert all(r["acc"] == r["given_acc"] and 0 <= r["learned_acc"] <= 1 for r in rows)

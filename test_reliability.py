@@ -261,8 +261,10 @@ def test_resume_compares_only_the_arguments_that_define_the_run(tmp_path, capsys
     full = run_gn.main(gn_args(folder, "--out", str(tmp_path / "full")))
     state = interrupted(monkeypatch, run_gn.main, argv)
     old = {k: v for k, v in state["args"].items() if k != "parallel"}  # made before it was
-    harness.save_checkpoint(out, {**state, "args": {**old, "retired": 3}})  # and with a flag
+    before_probe = {k: v for k, v in state.items() if k != "probe"}  # and before the probe,
+    harness.save_checkpoint(out, {**before_probe, "args": {**old, "retired": 3}})  # a flag
     assert timeless(run_gn.main(argv)) == timeless(full)  # since gone: resumes all the same
+    assert os.path.exists(os.path.join(out, "probe.csv"))
     state = interrupted(monkeypatch, run_gn.main, gn_args(folder, "--out", out + "2"))
     harness.save_checkpoint(out + "2", {**state, "args": old})
     fails(capsys, lambda: run_gn.main(gn_args(folder, "--out", out + "2", "--parallel", "2")),

@@ -6,11 +6,12 @@ import subprocess
 
 import pytest
 
+import gg_data
 import hopsupsup
 import run_gg
 import run_gn
 import run_nns
-from conftest import write_fake_mnist
+from conftest import DEVICE, small_args, write_fake_mnist
 
 
 def run_all(timeout=60, **env):
@@ -29,7 +30,8 @@ def test_run_all_lists_every_figure_with_valid_flags(tmp_path):
         names = {shlex.split(line)[-1].split("/")[-1] for line in lines}
         for fig in ("fig2-splitcifar100", "fig2-splitimagenet", "fig3-permuted-lenet",
                     "fig3-permuted-fc1024", "fig4-gnu2500", "fig4-nns", "fig5-rotated",
-                    "fig5-oneshot-batche", "fig6-lenet", "fig6-fc1024", "fig7-hopsupsup"):
+                    "fig5-oneshot-batche", "fig6-lenet", "fig6-fc1024", "fig7-hopsupsup",
+                    "tag-splitcifar100", "fig3-permuted-lenet-ewc", "fig2-splitcifar100-tag"):
             assert any(n.startswith(fig) for n in names), fig
         assert len(names) == len(lines)  # every run has its own folder
         for line in lines:  # each command's flags parse and pass the script's checks
@@ -73,16 +75,20 @@ def test_plot_draws_every_figure_and_the_table(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is not installed")
     import plot
 
-    def run(name, args, accs, extra=None):  # a run folder as the scripts write it
+    def run(name, args, accs, extra=None, probe=None):  # a run folder as the scripts write it
         folder = tmp_path / "runs" / name
         os.makedirs(folder)
         (folder / "args.json").write_text(json.dumps(args))
         rows = [dict(num_learned=k, task=t, acc=a, bytes=100 * k) for k, a in accs for t in
                 range(k)]
-        (folder / "results.csv").write_text("num_learned,task,acc,bytes\n" + "".join(
-            f"{r['num_learned']},{r['task']},{r['acc']},{r['bytes']}\n" for r in rows))
+        learned = probe is not None  # (the others keep no diagonal of R)
+        (folder / "results.csv").write_text("num_learned,task,acc,bytes,learned_acc\n" + "".join(
+            f"{r['num_learned']},{r['task']},{r['acc']},{r['bytes']},"
+            f"{0.5 + r['task'] / 10 if learned else ''}\n" for r in rows))
         if extra:
             (folder / "hopfield.csv").write_text(extra)
+        if probe:
+            (folder / "probe.csv").write_text(probe)
 
     gn = dict(method="supsup", model="lenet", scenario="GNu", objective="entropy",
               infer="oneshot", dataset="permuted", output_size=100, tasks=3)
@@ -92,14 +98,21 @@ def test_plot_draws_every_figure_and_the_table(tmp_path):
                               tasks=2, seed=seed), [(2, acc)])
     run("gg-s4", dict(workers=8, method="supsup", sparsity=4, dataset="splitcifar100", tasks=2,
                       seed=1), [(2, 0.7)])
+    run("gg-er", dict(workers=8, method="er", sparsity=8, dataset="splitcifar100", tasks=2,
+                      seed=1), [(2, 0.6)])
     run("nns", dict(check_every=100, tasks=3), [(3, 0.5)])
     run("hop", {**gn, "infer": "hopfield", "dataset": "splitmnist", "model": "bnnet"},
         [(2, 0.99)], "num_learned,task,step,layer,hamming\n2,0,1,0,5\n2,0,1,1,3\n2,0,2,0,0\n"
                      "2,0,2,1,0\n")
+    run("bp", {**gn, "method": "bp", "infer": "given", "output_size": 10, "seed": 1},
+        [(2, 0.6), (3, 0.5)], probe="num_learned,dormant,stable_rank\n2,0.25,7\n3,0.5,6\n")
     written = plot.main([str(tmp_path / "runs"), "--out", str(tmp_path / "figs")])
     assert sorted(os.path.basename(p) for p in written) == [
         "fig2_splitcifar100.png", "fig3_permuted_lenet.png", "fig4_2500.png",
-        "fig6_output_size_lenet.png", "fig7_hopsupsup.png"]
+        "fig6_output_size_lenet.png", "fig7_hopsupsup.png", "plasticity_permuted_lenet.png"]
+    bp_rows = plot.read_csv(str(tmp_path / "runs" / "bp" / "results.csv"), plot.RESULTS)
+    assert plot.newest_acc(bp_rows) == {1: 0.5, 2: 0.6, 3: 0.7}  # each task right after it
+    assert plot.dormant(str(tmp_path / "runs" / "bp")) == {2: 0.25, 3: 0.5}
     for path in written:
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "figs" / "results.md").read_text()
@@ -107,6 +120,7 @@ def test_plot_draws_every_figure_and_the_table(tmp_path):
     assert f"| fig3_permuted_lenet | SupSup (GNu, H) | 2 | 3 | 0.8500 +- 0.0500 {none} 300 |" in md
     assert f"| fig2_splitcifar100 | supsup s=8 | 2 | 2 | 0.8500 +- 0.0500 {none} 200 |" in md
     assert f"| fig2_splitcifar100 | supsup s=4 | 1 | 2 | 0.7000 +- 0.0000 {none} 200 |" in md
+    assert f"| fig2_splitcifar100 | er (replay allowed) | 1 | 2 | 0.6000 +- 0.0000 {none}" in md
     assert plot.hamming(str(tmp_path / "runs" / "hop")) == {1: 8.0, 2: 0.0}
     # a run that differs in another argument than the seed is a curve of its own, named so
     run("h-lr", {**gn, "seed": 3, "lr": 0.5}, [(2, 0.1), (3, 0.1)])
@@ -114,7 +128,7 @@ def test_plot_draws_every_figure_and_the_table(tmp_path):
     curves = plot.read_runs(str(tmp_path / "runs"))
     lenet = {label: len(runs) for (fig, label, _), runs in curves.items()
              if fig == "fig3_permuted_lenet"}
-    assert lenet == {"SupSup (GNu, H), lr=None": 2, "SupSup (GNu, H), lr=0.5": 2}
+    assert lenet == {"SupSup (GNu, H), lr=None": 2, "SupSup (GNu, H), lr=0.5": 2, "bp (GG)": 1}
     assert "import torch" not in open(plot.__file__).read()
 
 
@@ -136,3 +150,16 @@ def test_metrics_from_the_accuracy_matrix_equal_a_hand_computation():
         dict(num_learned=2, task=j, acc=a) for j, a in ((0, 0.75), (1, 0.5))]
     assert plot.metrics(gg) == (0.625, 0.0, 0.0, 0.625)
     assert plot.metrics([dict(num_learned=3, task=0, acc=0.1)]) is None  # no diagonal
+
+
+def test_supsup_forgets_nothing_exactly(tmp_path):
+    import plot
+    folder = write_fake_mnist(str(tmp_path / "mnist"))
+    run_gn.main(small_args(folder, str(tmp_path / "gn")))
+    root = gg_data.synthetic_cifar100(str(tmp_path))
+    run_gg.main(["--data", root, "--tasks", "3", "--epochs", "1", "--device", DEVICE, "--out",
+                 str(tmp_path / "gg")])
+    for run in ("gn", "gg"):
+        rows = plot.read_csv(str(tmp_path / run / "results.csv"), plot.RESULTS)
+        acc, bwt, forgetting, learning = plot.metrics(rows)
+        assert bwt == 0.0 and forgetting == 0.0 and acc == learning
