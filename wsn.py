@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import baselines
 import supsup
+from harness import positive_float
 from supsup import TaskBatchNorm, pack, unpack
 
 # ------------------------------------------------------------------------------ masks
@@ -239,7 +240,6 @@ GG = {"wsn": (WSN, dict(lr=1e-3, wsn_c=0.5, optimizer=adam))}
 
 
 def kept_fraction(s):  # --wsn-c's type
-    from harness import positive_float
     c = positive_float(s)
     if c > 1:
         raise argparse.ArgumentTypeError(f"{s} is not a fraction in (0, 1]")
