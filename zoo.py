@@ -161,13 +161,8 @@ class ModelZoo:
         -> the mean loss."""
         if accum != 1:
             raise UserError("modelzoo takes --accum-steps 1")
-        # The first epoch shows each of the task's examples (run_gn: its steps' batches,
-        # with repeats); the distinct ones are what replay must keep.
-        seen = set() if self.task not in self.stored else None
         total, steps = 0.0, 0
         for x, y in map(peers.one_task, batches):
-            if seen is not None:
-                seen.update(hash(row.tobytes()) for row in x.flatten(1).cpu().numpy())
             pairs = [(self.task, x, y)] + [(i, *peers.one_task(next(stream)))
                                            for i, stream in self.replays.items()]
             self.opt.zero_grad(set_to_none=True)
@@ -175,8 +170,6 @@ class ModelZoo:
             loss.backward()
             self.opt.step()
             total, steps = total + loss.detach(), steps + 1
-        if seen is not None and steps:
-            self.stored[self.task] = len(seen) * peers.example_bytes(x)
         supsup.set_task(self.model, self.task)
         return float(total) / max(steps, 1)
 
@@ -192,6 +185,13 @@ class ModelZoo:
         return total / n
 
     def finish(self, t, batches):
+        # batches: the task's first epoch as training saw it (run_gn: its steps' batches, with
+        # repeats); its distinct examples are what replay must keep. Counted here, once, not
+        # in the training step, where it would copy every batch to the host.
+        seen = set()
+        for x, _ in map(peers.one_task, batches):
+            seen.update(hash(row.tobytes()) for row in x.flatten(1).cpu().numpy())
+        self.stored[t] = len(seen) * peers.example_bytes(x)
         self.model.eval()
         for i in self.tasks:
             self.losses[i] = self.ensemble_loss(i)
