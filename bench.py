@@ -3,14 +3,16 @@
     python bench.py                  # a table, on the CPU and on CUDA when there is one
     python bench.py --json           # one JSON object per line: name, value, unit, device
 
-Every rate is set against the device's own fp32 GEMM rate, measured in the same run
-(matmul_gflops), so numbers from different machines compare. Every time is the best of a
+Every rate is set against the device's own GEMM rate in the precision used, measured in the
+same run (matmul_gflops in fp32, matmul_gflops_bf16), so numbers from different machines
+compare. Every time is the best of a
 few runs, the GEMM rate too: on shared cores the best run is the one nothing else slowed.
 Timings use random data and random masks: the cost does not depend on the values.
 """
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -37,18 +39,19 @@ def seconds(fn, device, reps, warmup=1):
     return best
 
 
-def matmul_gflops(device, reps=20):
-    """The attainable fp32 GEMM rate (the yardstick)."""
+def matmul_gflops(device, dtype=torch.float32, reps=20):
+    """The attainable GEMM rate in dtype (the yardstick)."""
     n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n**3 / seconds(lambda: a @ b, device, reps, warmup=2) / 1e9
 
 
-def train_ms_per_step(name, device, steps, parallel=1, reps=3):
+def train_ms_per_step(name, device, steps, parallel=1, reps=3, dtype=torch.float32):
     """run_gn.py's training of `parallel` tasks at once (scores, mask, forward, backward,
-    RMSprop, batch gather and permutation): best of reps, in ms per step of one task."""
+    RMSprop, batch gather and permutation), the products in dtype: best of reps, in ms per
+    step of one task."""
     model = NETS[name](run_gn.OUTPUT_SIZE[name], num_tasks=2 * parallel, seed=1).to(device)
-    x = torch.randn(60000, 785, device=device)
+    x = torch.randn(60000, 785, device=device).to(dtype)
     y = torch.randint(0, 10, (60000,), device=device)
     pix = torch.stack([torch.randperm(784, device=device) for _ in range(parallel)])
     args = argparse.Namespace(steps=steps, batch_size=128, seed=1, lr=1e-4)
@@ -65,49 +68,105 @@ def masked_weights(model):
     return sum(m.weight.numel() for m in supsup.masked_layers(model))
 
 
-def oneshot(k, device):
-    """One-shot inference of one image per decision among k random masks of lenet-500, with
-    as many decisions per call as one chunk holds (run_gn.py passes many): ms per decision,
-    bank MB, and GFLOP/s counting k * masked weights * 2 FLOPs per decision."""
+def bank(k, device):
+    """lenet-500 with k random masks learned, as in a 2500-task run."""
     model = NETS["lenet"](500, num_tasks=k, seed=1).to(device)
     for m in supsup.masked_layers(model):
         m.bank.random_(0, 256)
         m.num_learned = k
-    nbytes = sum(m.bank.numel() for m in supsup.masked_layers(model))
+    return model
+
+
+def oneshot(model, device, dtype):
+    """One-shot inference of one image per decision among a model's k masks, with as many
+    decisions per call as two chunks hold (run_gn.py passes many), the masks unpacked
+    beforehand (kept between calls): ms per decision, and GFLOP/s counting k * masked weights
+    * 2 FLOPs per decision."""
     decisions = supsup.decision_chunk(model) * (2 if device.type == "cpu" else 16)
     x = torch.randn(decisions, 1, 784, device=device)
     w = torch.ones(decisions, 1, device=device)
-    t = seconds(lambda: supsup.infer_tasks(model, x, w, supsup.entropy), device, 3)
-    return 1e3 * t / decisions, nbytes / 1e6, 2 * k * masked_weights(model) / (t / decisions) / 1e9
+    t = seconds(lambda: supsup.infer_tasks(model, x, w, supsup.entropy, dtype=dtype), device, 3)
+    k = supsup.num_learned(model)
+    return 1e3 * t / decisions, 2 * k * masked_weights(model) / (t / decisions) / 1e9
+
+
+def check_ms(model, device, dtype):
+    """run_nns.py's check of a training batch of 128 images among a model's k masks (one
+    decision, its superposition and its alpha gradients), the masks unpacked beforehand."""
+    x = torch.randn(1, 128, 784, device=device)
+    w = torch.full((1, 128), 1 / 128, device=device)
+    k = supsup.num_learned(model)
+    alphas = torch.full((k,), 1 / k, device=device)
+    return 1e3 * seconds(lambda: supsup.alpha_grads(model, x, w, alphas, supsup.entropy,
+                                                    dtype), device, 3)
 
 
 def bench(device, parallel):
-    """[(name, value, unit)] for one device; `parallel` tasks at once for the speedup."""
+    """[(name, value, unit)] for one device; `parallel` tasks at once for the speedup. Names
+    without a suffix are fp32; _bf16 ones bf16, their rates set against matmul_gflops_bf16."""
     cpu = device.type == "cpu"
     steps = 100 if cpu else 300
-    # the GEMM rate and the lenet step, sampled in turn: on a shared machine the best of each
+    precisions = {"": torch.float32, "_bf16": torch.bfloat16}
+    # the GEMM rates and the lenet step, sampled in turn: on a shared machine the best of each
     # then comes from the same quiet spells, and their ratio (the MFU) is fair
-    gflops, ms = 0, math.inf
+    gflops, ms = dict.fromkeys(precisions, 0), dict.fromkeys(precisions, math.inf)
     for _ in range(8):
-        gflops = max(gflops, matmul_gflops(device, reps=5))
-        ms = min(ms, train_ms_per_step("lenet", device, steps, reps=1))
+        for p, dtype in precisions.items():
+            gflops[p] = max(gflops[p], matmul_gflops(device, dtype, reps=5))
+            ms[p] = min(ms[p], train_ms_per_step("lenet", device, steps, reps=1, dtype=dtype))
     flops = 6 * 128 * masked_weights(NETS["lenet"](100))
+    rows = []
+    for p, dtype in precisions.items():
+        rate = f"of matmul_gflops{p}"
+        rows += [(f"matmul_gflops{p}", gflops[p], "GFLOP/s"),
+                 (f"lenet_train_ms_per_step{p}", ms[p], "ms"),
+                 (f"lenet_train_mfu{p}", flops / (ms[p] / 1e3) / 1e9 / gflops[p], rate),
+                 (f"fc1024_train_ms_per_step{p}",
+                  train_ms_per_step("fc1024", device, steps, dtype=dtype), "ms")]
     ms_parallel = train_ms_per_step("lenet", device, steps, parallel, reps=3)
-    rows = [("matmul_gflops", gflops, "GFLOP/s"), ("lenet_train_ms_per_step", ms, "ms"),
-            ("lenet_train_mfu", flops / (ms / 1e3) / 1e9 / gflops, "of matmul_gflops"),
-            ("lenet_parallel_ms_per_step", ms_parallel, f"ms per task, {parallel} at once"),
-            ("lenet_parallel_speedup", ms / ms_parallel, "x"),
-            ("fc1024_train_ms_per_step", train_ms_per_step("fc1024", device, steps), "ms")]
+    rows += [("lenet_parallel_ms_per_step", ms_parallel, f"ms per task, {parallel} at once"),
+             ("lenet_parallel_speedup", ms[""] / ms_parallel, "x")]
     for k in (250, 2500):
-        ms, mb, rate = oneshot(k, device)
-        rows += [(f"oneshot_ms_{k}", ms, "ms per decision"), (f"mask_bank_mb_{k}", mb, "MB"),
-                 (f"oneshot_gflops_frac_{k}", rate / gflops, "of matmul_gflops")]
+        model = bank(k, device)
+        weights = masked_weights(model)
+        rows.append((f"mask_bank_mb_{k}", k * weights / 8 / 1e6, "MB, 1 bit a weight"))
+        for p, dtype in precisions.items():
+            ms_decision, rate = oneshot(model, device, dtype)
+            rows += [(f"oneshot_ms_{k}{p}", ms_decision, "ms per decision"),
+                     (f"oneshot_gflops_frac_{k}{p}", rate / gflops[p], f"of matmul_gflops{p}"),
+                     (f"nns_check_ms_{k}{p}", check_ms(model, device, dtype), "ms per check"),
+                     (f"mask_rows_mb_{k}{p}", k * weights * dtype.itemsize / 1e6,
+                      "MB, the masks unpacked for inference")]
+        del model
     return rows
+
+
+def agreement(out, data, device):
+    """Task inference in fp32 and in bf16 on the masks of a finished run_gn.py run (its folder
+    out): [(name, value, unit)], how often the two pick the same task, and each one's
+    task-inference accuracy, over every test batch of every learned task."""
+    state = harness.load_tensors(os.path.join(out, "ckpt.pt"))
+    args = argparse.Namespace(**{**state["args"], "data": data or state["args"]["data"]})
+    _, _, test_x, test_y = run_gn.load_data(args, device)
+    model = NETS[args.model](args.output_size, args.tasks, args.seed).to(device)
+    harness.read_masks(os.path.join(out, "masks.bin"), model, state["crcs"])
+    truth = torch.arange(supsup.num_learned(model), device=device)[:, None]
+    picks = {p: run_gn.decisions(model, test_x, test_y, args, device, dtype)
+             for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    same = (picks["fp32"] == picks["bf16"]).float()
+    return [("same_task", same.mean().item(), f"of {same.numel()} decisions"),
+            ("other_task", (1 - same).sum().item(), "decisions"),
+            *((f"task_acc_{p}", (d == truth).float().mean().item(), "") for p, d in picks.items())]
 
 
 def main(argv=None):
     p = harness.Parser(description="Speed and memory of SupSup on this machine.")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--agreement", metavar="RUN", default=None,
+                   help="instead: task inference in fp32 and in bf16 on the masks of the "
+                        "run_gn.py run in folder RUN, how often they agree")
+    p.add_argument("--data", default=None,
+                   help="with --agreement: MNIST's folder (default: the run's --data)")
     p.add_argument("--device", action="append", default=None,
                    help="device to measure, repeatable (default: cpu, and cuda when available)")
     p.add_argument("--parallel", type=harness.positive_int, default=None,
@@ -124,7 +183,9 @@ def main(argv=None):
             p.error(str(e))
         label = harness.device_name(device)
         parallel = args.parallel or (4 if device.type == "cpu" else 25)
-        for metric, value, unit in bench(device, parallel):
+        measured = (agreement(args.agreement, args.data, device) if args.agreement
+                    else bench(device, parallel))
+        for metric, value, unit in measured:
             results.append(dict(name=metric, value=round(value, 4), unit=unit, device=label))
             if args.json:
                 print(json.dumps(results[-1]), flush=True)

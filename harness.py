@@ -134,6 +134,33 @@ def get_device(name):
     return device
 
 
+def add_precision_arg(p, default):
+    """--precision, with the default `default` (a precision, or None: bf16 where the device
+    has bf16 matrix units, else fp32; resolve_precision fills it in)."""
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=default,
+                   help="bf16: the matrix products and convolutions take bf16 operands "
+                        "(scores, gradients, optimizer state and logits stay fp32); or fp32 "
+                        "(docs/speed.md)" + ("" if default else " [default: bf16 on a device with "
+                                       "bf16 matrix units (a CPU with AVX-512 BF16 or AMX, "
+                                       "CUDA compute capability 8.0+), else fp32]"))
+
+
+def native_bf16(device):
+    """Whether the device multiplies bf16 matrices in hardware: CUDA from compute capability
+    8.0, a CPU with AVX-512 BF16 or AMX (oneDNN's test)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def precision_dtype(args, device):
+    """The torch dtype of args.precision, filled in first where it was left to the device
+    (None): bf16 where native_bf16, else fp32."""
+    if args.precision is None:
+        args.precision = "bf16" if native_bf16(torch.device(device)) else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+
+
 def device_name(device):
     """What the run ran on, for args.json."""
     if device.type == "cuda":
@@ -315,12 +342,15 @@ def read_masks(path, model, crcs):
 # ---------------------------------------------------------------------------- run folders
 
 VOLATILE = ("data", "device", "out", "workers", "given")  # may change when a run resumes
+ADDED = {"precision": "fp32"}  # flags added since runs began whose default changed what ran
 
 
 def same_run(old, new, volatile=VOLATILE):
     """The differences between two argument dicts that matter for resuming: a key only one
-    side has (a flag added or removed since) counts only if that side gave it explicitly."""
+    side has (a flag added or removed since) counts only if that side gave it explicitly, or
+    if it is in ADDED (the value every run had before the flag)."""
     diff = []
+    old = {**{k: v for k, v in ADDED.items() if k in new}, **old}
     for k in sorted(set(old) | set(new)):
         if k in volatile:
             continue

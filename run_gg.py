@@ -15,7 +15,7 @@ equal, bit for bit (zero forgetting). The comparison methods (baselines.py) trai
 weights; `bytes` is what each method must keep to serve every task learned so far.
 docs/results.md has our numbers.
 """
-import contextlib
+import argparse
 import math
 import os
 import re
@@ -97,8 +97,9 @@ def get_parser():
                    help="supsup: train this many tasks at once as one batched computation "
                         "(stacked scores, grouped convs; each task keeps its seeds, batches, "
                         "Adam state and BatchNorm statistics); tasks must have equal sizes")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 autocast in training and testing (for CUDA)")
+    harness.add_precision_arg(p, "fp32")  # (bf16's fidelity on GG not measured: no CIFAR here)
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                   default=argparse.SUPPRESS, help="the same as --precision bf16")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format for the conv nets (for CUDA)")
     for module in (peers, zoo, wsn):  # the comparison methods' own flags
@@ -270,10 +271,9 @@ def lr_factor(epoch, epochs, warmup):
 
 
 def precision(args, device):
-    """bf16 autocast with --bf16, else nothing."""
-    if args.bf16:
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast with --precision bf16, else nothing."""
+    device = torch.device(device)
+    return supsup.autocast(device, harness.precision_dtype(args, device))
 
 
 def formatted(batches, args):

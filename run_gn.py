@@ -15,6 +15,7 @@ docs/results.md has our numbers and runtimes.
 import os
 
 import torch
+import torch.nn.functional as F
 
 import baselines
 import data
@@ -94,6 +95,7 @@ def get_parser():
     p.add_argument("--validation", action="store_true",
                    help="score on the last 10,000 training images, trained on the other 50,000, "
                         "instead of the test set (to choose hyperparameters)")
+    harness.add_precision_arg(p, None)
     for module in (peers, plasticity, zoo, wsn):  # the comparison methods' own flags
         module.add_args(p)
     harness.add_common_args(p)
@@ -111,6 +113,9 @@ def resolve(args, parser):
             if getattr(args, k, "") is None:
                 setattr(args, k, v)
         args.lr = args.lr or args.trunk_lr
+        if args.precision == "bf16":
+            parser.error("--precision bf16 is SupSup's; the comparison methods train in fp32")
+        args.precision = "fp32"
     args.lr = args.lr or 1e-4
     for k, v in PAPER[args.dataset].items():
         if getattr(args, k) is None:
@@ -163,60 +168,86 @@ def mask_bytes(model, k):
 
 def train_tasks(model, x, y, pix, args):
     """Learn the next len(pix) tasks' masks, task i on x through its pixel map pix[i], at once
-    when there are several (a stacked task dimension). Each task gets a fresh RMSprop and
-    args.steps batches of its own order, as if trained alone. Returns the mean loss."""
-    opt = torch.optim.RMSprop(supsup.start_task(model, args.seed, len(pix)), lr=args.lr)
-    loss = supsup.train_steps(model, task_batches(x, y, pix, num_learned(model), args), opt)
+    when there are several (a stacked task dimension), with matrix products in x's dtype (x in
+    bf16: --precision bf16). Each task gets a fresh RMSprop and args.steps batches of its own
+    order, as if trained alone. Returns the mean loss."""
+    opt = supsup.RMSprop(supsup.start_task(model, args.seed, len(pix)), lr=args.lr)
+    loss = supsup.train_steps(model, task_batches(x, y, pix, num_learned(model), args), opt,
+                              dtype=x.dtype)
     supsup.finish_task(model)
     return loss
 
 
-def test_set(test_x, test_y, args, t):
-    """Task t's test set, in the shuffled order that makes its batches."""
+def test_set(test_x, test_y, args, t, positions=None):
+    """Task t's test set, in the shuffled order that makes its batches (only these positions
+    of that order, if given)."""
     order = data.test_order(len(test_x), args.seed, t, test_x.device)
+    order = order if positions is None else order[positions]
     pix = data.PIXEL_MAPS[args.dataset](args.seed, t).to(test_x.device)
     return test_x.index_select(0, order).index_select(1, pix), test_y[order]
 
 
 @torch.no_grad()
-def evaluate(model, test_x, test_y, args, device, mask_of_task=None):
-    """One row per learned task: accuracy with the task inferred, inference accuracy, given.
-
-    mask_of_task[t]: the mask of task t (default: mask t; run_nns.py passes the mask that
-    learned it). The deciding images of many tasks' test batches go through infer_tasks
-    together, so that each pass over the mask bank serves many decisions."""
-    masks = list(range(num_learned(model))) if mask_of_task is None else mask_of_task
-    k, n, bs = len(masks), len(test_x), args.test_batch_size
+def decisions(model, test_x, test_y, args, device, dtype=torch.float32, k=None):
+    """The mask inferred for each test batch of tasks 0..k-1 (default: one per learned mask),
+    [k, batches]: the first args.infer_examples images of a batch decide it. The deciding
+    images of many tasks go through infer_tasks together, so that each pass over the masks
+    serves many decisions."""
+    k, n, bs = k or num_learned(model), len(test_x), args.test_batch_size
     starts = torch.arange(0, n, bs, device=device)
     idx = starts[:, None] + torch.arange(args.infer_examples, device=device)
     valid = idx < (starts + bs).clamp(max=n)[:, None]  # the last batch may be short
     weights = valid / valid.sum(1, keepdim=True)
-    batch_of = torch.arange(n, device=device) // bs
     width = sum(sum(m.weight.shape[:2]) for m in supsup.masked_layers(model))  # per image
     group = max(1, supsup.CHUNK // (idx.numel() * width))  # tasks per call: bounds activations
-
-    rows = []
+    inferred = []
     for lo in range(0, k, group):
-        tasks, deciding, correct = range(lo, min(k, lo + group)), [], []
-        for t in tasks:
+        tasks = range(lo, min(k, lo + group))
+        positions = idx.clamp(max=n - 1).flatten()
+        deciding = torch.cat([test_set(test_x, test_y, args, t, positions)[0].view(
+            *idx.shape, -1) for t in tasks])
+        guess, _ = supsup.infer_tasks(model, deciding, weights.repeat(len(tasks), 1),
+                                      supsup.OBJECTIVES[args.objective], args.infer == "binary",
+                                      dtype)
+        inferred.append(guess.view(len(tasks), -1))
+    return torch.cat(inferred)
+
+
+@torch.no_grad()
+def batch_hits(model, x, y, bs):
+    """Right predictions per test batch of bs images of (x, y), with the current mask: [batches]."""
+    right = (supsup.predict(model, x) == y).int()
+    return F.pad(right, (0, -len(right) % bs)).view(-1, bs).sum(1)
+
+
+@torch.no_grad()
+def evaluate(model, test_x, test_y, args, device, mask_of_task=None, hits=None):
+    """One row per learned task: accuracy with the task inferred, inference accuracy, given.
+
+    mask_of_task[t]: the mask of task t (default: mask t; run_nns.py passes the mask that
+    learned it). hits[t]: batch_hits of task t with its own mask where known (not -1): a frozen
+    mask scores its test set the same at every evaluation point."""
+    masks = list(range(num_learned(model))) if mask_of_task is None else mask_of_task
+    n, bs = len(test_x), args.test_batch_size
+    inferred = decisions(model, test_x, test_y, args, device,
+                         harness.precision_dtype(args, device), len(masks))
+    rows = []
+    for t, guess in enumerate(inferred):
+        right = guess == masks[t]
+        own = None if hits is None or hits[t, 0] < 0 else hits[t].to(device)
+        if own is None:
             x, y = test_set(test_x, test_y, args, t)
             supsup.set_task(model, masks[t])
-            correct.append(supsup.predict(model, x) == y)
-            deciding.append(x[idx.clamp(max=n - 1)])
-        inferred, _ = supsup.infer_tasks(model, torch.cat(deciding),
-                                         weights.repeat(len(tasks), 1),
-                                         supsup.OBJECTIVES[args.objective], args.infer == "binary")
-        for t, right, guess in zip(tasks, correct, inferred.view(len(tasks), -1)):
-            hits = right & (guess == masks[t])[batch_of]
-            if args.scenario != "GNu":  # score the wrongly inferred batches with their masks
-                x, y = test_set(test_x, test_y, args, t)
-                for b in (guess != masks[t]).nonzero().flatten().tolist():
-                    supsup.set_task(model, int(guess[b]))
-                    sl = slice(b * bs, min(n, b * bs + bs))
-                    hits[sl] = supsup.predict(model, x[sl]) == y[sl]
-            rows.append(dict(task=t, acc=hits.sum().item() / n,
-                             task_acc=(guess == masks[t]).sum().item() / len(guess),
-                             given_acc=right.sum().item() / n, n_test=n))
+            own = batch_hits(model, x, y, bs)
+        scored = own * right  # GNu: a batch counts only if its task was inferred right
+        if args.scenario != "GNu":  # GNs: the wrongly inferred batches with their masks
+            x, y = test_set(test_x, test_y, args, t)
+            for b in (~right).nonzero().flatten().tolist():
+                supsup.set_task(model, int(guess[b]))
+                sl = slice(b * bs, min(n, b * bs + bs))
+                scored[b] = (supsup.predict(model, x[sl]) == y[sl]).sum()
+        rows.append(dict(task=t, acc=scored.sum().item() / n, task_acc=right.sum().item() /
+                         len(guess), given_acc=own.sum().item() / n, n_test=n))
     return rows
 
 
@@ -278,6 +309,7 @@ def write_outputs(out, state, columns=COLUMNS):
 
 def run(args):
     device = harness.get_device(args.device)
+    harness.precision_dtype(args, device)
     weights, units = nets.mlp_weights(args.model, args.output_size)
     if args.method in COMPARISONS:
         harness.ensure_fits(4 * (4 * weights + 3 * args.tasks * units), device,
@@ -285,11 +317,13 @@ def run(args):
         setup, keys, start = setup_comparison, ("accs", "train_seconds", "method"), \
             dict(accs={}, train_seconds=[], probe=[])
     else:
-        harness.ensure_fits(args.tasks * weights // 8 + 4 * (2 + args.parallel) * weights,
+        unpacked = 2 if args.precision == "bf16" else 4  # bytes a weight, for task inference
+        harness.ensure_fits(args.tasks * weights * (1 / 8 + unpacked)
+                            + 4 * (2 + args.parallel) * weights,
                             device, f"the masks of --tasks {args.tasks} on {args.model} with "
                                     f"--output-size {args.output_size}")
         setup, keys, start = setup_supsup, ("crcs", "accs", "train_seconds"), \
-            dict(crcs=[], accs={}, train_seconds=[], probe=[])
+            dict(crcs=[], accs={}, train_seconds=[], probe=[], hits=None)
     return harness.run_tasks(args, device, lambda state: setup(args, device, state),
                              lambda state: write_outputs(args.out, state),
                              lambda state: summary(args, state["rows"], state["learned"]),
@@ -300,8 +334,12 @@ def setup_supsup(args, device, state):
     """SupSup's run: the data and the model, its learned masks read back from masks.bin; ->
     the step that learns the next --parallel tasks (never across an evaluation point)."""
     train_x, train_y, test_x, test_y = load_data(args, device)
+    train_x = train_x.to(harness.precision_dtype(args, device))  # half the bytes to gather
     model = NETS[args.model](args.output_size, args.tasks, args.seed).to(device)
     masks_file = os.path.join(args.out, "masks.bin")
+    if state["hits"] is None:  # (-1: not known, as in a checkpoint from before it was kept)
+        batches = -(-len(test_x) // args.test_batch_size)
+        state["hits"] = torch.full((args.tasks, batches), -1, dtype=torch.int32)
     if state["learned"]:
         harness.read_masks(masks_file, model, state["crcs"])
         print(f"resuming {args.out} after task {state['learned']}")
@@ -318,7 +356,8 @@ def setup_supsup(args, device, state):
         for i in range(t, stop):  # the accuracy right after training, the task given
             x, y = test_set(test_x, test_y, args, i)
             supsup.set_task(model, i)
-            state["accs"][i] = (supsup.predict(model, x) == y).sum().item() / len(y)  # as evaluate
+            state["hits"][i] = batch_hits(model, x, y, args.test_batch_size).cpu()
+            state["accs"][i] = state["hits"][i].sum().item() / len(y)  # as evaluate
             per_task = clock() / (i + 1)
             print(f"[{args.scenario}] task {i + 1}/{args.tasks}  loss {loss:.3f}  acc "
                   f"{state['accs'][i]:.4f}  {per_task:.1f}s/task  eta "
@@ -326,7 +365,7 @@ def setup_supsup(args, device, state):
         state["learned"] = stop
         if stop in args.eval_at:
             began = clock()
-            rows = evaluate(model, test_x, test_y, args, device)
+            rows = evaluate(model, test_x, test_y, args, device, hits=state["hits"])
             for r in rows:
                 r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
                          method="supsup", infer=args.infer, objective=args.objective,

@@ -51,6 +51,7 @@ def get_parser():
     p.add_argument("--eval-at", type=harness.int_list, default=[10, 500, 1000, 1500, 2000],
                    help="evaluate after these many tasks of the stream (comma list); after "
                         "the last always")
+    harness.add_precision_arg(p, None)
     harness.add_common_args(p)
     return p
 
@@ -93,12 +94,12 @@ class Masks:
         for m, s in zip(self.layers, self.scores[i]):
             m.bank[i] = supsup.pack(s.reshape(1, -1) >= 0)[0]
 
-    def train(self, i, batches, opt):
+    def train(self, i, batches, opt, dtype=torch.float32):
         """Train mask i on the batches; its bank entry follows."""
         for m, s in zip(self.layers, self.scores[i]):
             m.scores = s
         supsup.set_task(self.model, len(self.layers[0].bank))  # past the bank: the scores
-        loss = supsup.train_steps(self.model, batches, opt)
+        loss = supsup.train_steps(self.model, batches, opt, dtype=dtype)
         self.store(i)
         return loss
 
@@ -107,7 +108,7 @@ class Masks:
             m.num_learned = n
 
 
-def choose(masks, x, allocated, args):
+def choose(masks, x, allocated, args, dtype=torch.float32):
     """The mask the training batch x [B, 784] goes to, and whether it is new (paper Sec. 3.4):
     nu = softmax(-dH/dalpha) over n = max(allocated, floor) masks at alphas 1/n; a new mask
     when n max(nu) < 1 + epsilon. Picking a mask not yet allocated (an untrained candidate)
@@ -118,7 +119,7 @@ def choose(masks, x, allocated, args):
     masks.ensure(n)
     g = supsup.alpha_grads(masks.model, x[None], torch.full((1, len(x)), 1 / len(x),
                                                             device=x.device),
-                           torch.full((n,), 1 / n, device=x.device), supsup.entropy)[0]
+                           torch.full((n,), 1 / n, device=x.device), supsup.entropy, dtype)[0]
     nu = torch.softmax(-g, 0)
     best = int(nu.argmax())
     if n * nu[best] < 1 + args.epsilon or best >= allocated:
@@ -128,9 +129,11 @@ def choose(masks, x, allocated, args):
 
 def run(args):
     device = harness.get_device(args.device)
+    harness.precision_dtype(args, device)
     slots = max(args.budget, args.floor)  # the masks allocated and the untrained candidates
     weights, _ = nets.mlp_weights(args.model, args.output_size)
-    harness.ensure_fits(slots * (weights // 8 + 4 * weights), device,
+    unpacked = 2 if args.precision == "bf16" else 4  # bytes a weight, for task inference
+    harness.ensure_fits(slots * weights * (1 / 8 + 4 + unpacked), device,
                         f"the masks and scores of --budget {args.budget} on {args.model} with "
                         f"--output-size {args.output_size}")
     return harness.run_tasks(
@@ -145,6 +148,8 @@ def setup(args, device, slots, state):
     """The data, the model and every mask's scores (read back from their files); -> the step
     that runs the next task of the stream."""
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    dtype = harness.precision_dtype(args, device)
+    train_x = train_x.to(dtype)  # half the bytes to gather in bf16
     model = NETS[args.model](args.output_size, slots, args.seed).to(device)
     masks = Masks(model, args.seed)
     masks.ensure(state["drawn"])
@@ -160,7 +165,7 @@ def setup(args, device, slots, state):
         for w in range(0, args.steps, args.check_every):
             batches = [(train_x.index_select(0, b).index_select(1, pix), train_y[b])
                        for b in order[w:w + args.check_every]]
-            i, new = choose(masks, batches[0][0], state["allocated"], args)
+            i, new = choose(masks, batches[0][0].float(), state["allocated"], args, dtype)
             if new:
                 if state["allocated"] == args.budget:
                     continue  # the budget is spent: this window trains nothing
@@ -168,8 +173,8 @@ def setup(args, device, slots, state):
                 masks.ensure(state["allocated"])
                 state["allocations"].append(dict(mask=i, step=task * args.steps + w,
                                                  true_task=task))
-            opt = opts.setdefault(i, torch.optim.RMSprop(masks.scores[i], lr=args.lr))
-            losses.append(masks.train(i, batches, opt))
+            opt = opts.setdefault(i, supsup.RMSprop(masks.scores[i], lr=args.lr))
+            losses.append(masks.train(i, batches, opt, dtype))
             key = (i, task)
             state["trained"][key] = state["trained"].get(key, 0) + len(batches)
         loss = sum(losses) / max(len(losses), 1)

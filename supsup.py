@@ -135,27 +135,42 @@ class MaskedLayer(nn.Module):
         """Stored masks of tasks lo..hi-1 as float 0/1, [hi-lo, N]."""
         return unpack(self.bank[lo:hi], self.weight.numel(), out)
 
-    def weight_chunks(self, k, reuse=True):
-        """(lo, W * M_i for i in lo..lo+c-1, [c, N]) over the first k stored masks, about
-        CHUNK floats at a time: the terms of the superposition, unpacked. With reuse all chunks
-        share one buffer: use each before asking for the next."""
-        size = max(1, CHUNK // self.weight.numel())
-        shape = (min(size, k), self.bank.shape[1] * 8)
-        buf = torch.empty(shape, device=self.bank.device) if reuse else None
-        for lo in range(0, k, size):
-            hi = min(k, lo + size)
-            masks = self.stored_masks(lo, hi, None if buf is None else buf[: hi - lo])
-            yield lo, masks.mul_(self.weight.flatten())
+    def unit(self, dtype=torch.float32):
+        """(U, c) with W = c U, U as the products take it: in fp32 W itself and 1; in bf16 W's
+        signs, +-1 (exact in bf16, where +-c is not), and c."""
+        if dtype == torch.float32:
+            return self.weight, 1.0
+        return self.weight.sign().to(dtype), float(self.weight.abs().max())
 
-    def superpose(self, alphas, reuse=True, chunks=None):
+    def masked_rows(self, k, dtype=torch.float32):
+        """U * M_i of the first k stored masks, [k, N] in dtype (times unit()'s c: W * M_i),
+        the terms of the superposition. Task inference reads them again and again, so they
+        are kept unpacked (2 or 4 bytes a weight) and a row is unpacked again only when its
+        bits differ from the ones it was unpacked from."""
+        n = self.weight.numel()
+        rows = getattr(self, "rows", None)
+        if rows is None or rows.dtype != dtype or rows.device != self.bank.device:
+            self.rows = torch.empty(len(self.bank), n, dtype=dtype, device=self.bank.device)
+            self.rows_bits = torch.zeros_like(self.bank)
+            self.rows_valid = 0
+        stale = (self.bank[:k] != self.rows_bits[:k]).any(1)
+        stale[self.rows_valid:] = True
+        stale = stale.nonzero().flatten()
+        unit = self.unit(dtype)[0].flatten()
+        size = max(1, CHUNK // n)
+        for lo in range(0, len(stale), size):
+            part = stale[lo:lo + size]
+            self.rows[part] = unpack(self.bank[part], n).to(dtype).mul_(unit)
+        self.rows_bits[stale] = self.bank[stale]
+        self.rows_valid = max(self.rows_valid, k)
+        return self.rows[:k]
+
+    def superpose(self, alphas, dtype=torch.float32):
         """W * sum_i alphas[..., i] M_i over the first alphas.shape[-1] stored masks (paper
-        Eq. 2): [N] for alphas [k], [D, N] for alphas [D, k]. chunks: weight_chunks' (lo,
-        W * M) pairs, if already unpacked."""
-        total = None
-        for lo, masked in chunks or self.weight_chunks(alphas.shape[-1], reuse):
-            part = alphas[..., lo:lo + len(masked)] @ masked
-            total = part if total is None else total + part  # sum() would copy the first
-        return total
+        Eq. 2), fp32: [N] for alphas [k], [D, N] for alphas [D, k]; the product in dtype."""
+        c = self.unit(dtype)[1]
+        total = alphas.to(dtype) @ self.masked_rows(alphas.shape[-1], dtype)
+        return total if c == 1 else total.float().mul_(c)
 
     def effective_weight(self):
         if self.superposed is not None:
@@ -267,7 +282,7 @@ def set_task(model, t):
 def set_alphas(model, alphas):
     """Superpose the learned masks: W * sum_i alphas[i] M_i (differentiable in alphas)."""
     for m in masked_layers(model):
-        m.superposed = m.superpose(alphas, reuse=False)
+        m.superposed = m.superpose(alphas)
 
 
 def start_task(model, seed, n=1):
@@ -321,31 +336,29 @@ def alpha_grads_autograd(model, x, weights, alphas, objective):
     return torch.stack(grads)
 
 
-def alpha_grads(model, x, weights, alphas, objective):
+def alpha_grads(model, x, weights, alphas, objective, dtype=torch.float32):
     """What alpha_grads_autograd gives (to float rounding), batched: -> [D, k]. x [D, R, ...],
     weights [D, R] (1/R each, 0 for padding), alphas [k] (one superposition) or [D, k].
 
     Layer by layer, d O_b / d alpha_i = <W * M_i, d O_b / d W_eff> (reference Sec. 3.4):
     superposed forwards and backwards, a chunk of decisions at a time, give each decision's
-    dO_b/dW_eff = sum_r delta_r x_r^T; each chunk of the bank, unpacked once as W * M_i, meets
-    them all in matrix products. Working memory: the activations and a few CHUNKs, whatever k.
-    """
+    dO_b/dW_eff = sum_r delta_r x_r^T, which meets all the masked rows in one matrix product,
+    in dtype (bf16: the rows exact, the products rounded to bf16, the sum over layers fp32).
+    Working memory: the masked rows (kept) and a few CHUNKs of activations and gradients."""
     layers, k, step = masked_layers(model), alphas.shape[-1], decision_chunk(model)
-    # a layer whose whole bank fits in one chunk is unpacked once here, for every use below
-    banks = [list(m.weight_chunks(k, reuse=False)) if k * m.weight.numel() <= CHUNK else None
-             for m in layers]
-    shared = ([m.superpose(alphas, chunks=b) for m, b in zip(layers, banks)]
-              if alphas.dim() == 1 else None)
-    per_chunk = [inputs_and_deltas(model, x[i:i + step], weights[i:i + step], shared or [
-        m.superpose(alphas[i:i + step], chunks=b) for m, b in zip(layers, banks)], objective)
-        for i in range(0, len(x), step)]
+    rows = [(m.masked_rows(k, dtype), m.unit(dtype)[1]) for m in layers]
+    shared = [m.superpose(alphas, dtype) for m in layers] if alphas.dim() == 1 else None
+    bufs = [torch.empty(min(step, len(x)), m.weight.numel(), dtype=dtype, device=x.device)
+            for m in layers]  # reused: a fresh 100 MB buffer costs tens of ms in page faults
     g = torch.zeros(len(x), k, device=x.device)
-    for j, m in enumerate(layers):
-        buf = torch.empty(min(step, len(x)), m.weight.numel(), device=x.device)  # reused
-        for lo, masked in banks[j] or m.weight_chunks(k):
-            for i, layer_io in zip(range(0, len(x), step), per_chunk):
-                grads = m.decision_grads(*layer_io[j], buf[:len(layer_io[j][0])])
-                g[i:i + len(grads), lo:lo + len(masked)] += grads @ masked.T
+    for i in range(0, len(x), step):
+        superposed = shared or [m.superpose(alphas[i:i + step], dtype) for m in layers]
+        layer_io = inputs_and_deltas(model, x[i:i + step], weights[i:i + step], superposed,
+                                     objective)
+        for m, (masked, c), buf, (inputs, deltas) in zip(layers, rows, bufs, layer_io):
+            grads = m.decision_grads(inputs.to(dtype), deltas.to(dtype), buf[:len(inputs)])
+            part = grads @ masked.T
+            g[i:i + len(grads)] += part if c == 1 else part.float().mul_(c)
     return g
 
 
@@ -375,16 +388,17 @@ def decision_chunk(model):
 
 
 @torch.no_grad()
-def infer_tasks(model, x, weights, objective, binary=False):
+def infer_tasks(model, x, weights, objective, binary=False, dtype=torch.float32):
     """(tasks [D], rounds): the task of each decision x[b] ([D, R, ...]) among the learned
     masks. One-shot (paper Eq. 4): alphas = 1/k, t = argmin_i dO/dalpha_i. Binary (Sec. 3.3):
     keep the half of the remaining tasks with the smallest gradient, alphas uniform over them,
-    until one is left: ceil(log2 k) rounds. A round reads the bank once for all decisions of
-    the call: pass many."""
+    until one is left: ceil(log2 k) rounds. A round reads the masked rows once for all
+    decisions of the call: pass many. dtype: that of alpha_grads' products."""
     k = num_learned(model)
     if k == 1:
         return torch.zeros(len(x), dtype=torch.long, device=x.device), 0
-    g = alpha_grads(model, x, weights, torch.full((k,), 1 / k, device=x.device), objective)
+    alphas = torch.full((k,), 1 / k, device=x.device)
+    g = alpha_grads(model, x, weights, alphas, objective, dtype)
     if not binary:
         return g.argmin(1), 1
     remaining, n, rounds = torch.ones_like(g, dtype=torch.bool), k, 0
@@ -395,7 +409,7 @@ def infer_tasks(model, x, weights, objective, binary=False):
         remaining = rank < n
         if n == 1:
             return remaining.int().argmax(1), rounds
-        g = alpha_grads(model, x, weights, remaining / n, objective)
+        g = alpha_grads(model, x, weights, remaining / n, objective, dtype)
 
 
 # -------------------------------------------------------------------------- train and test
@@ -414,50 +428,96 @@ def threshold_mlp_layers(model):
     return None
 
 
+def mlp_units(layers, dtype):
+    """What mlp_step multiplies by: (per layer, the weights whose masked copies enter the
+    products and the factor of the scores' gradients; the factor of the logits). In fp32, W
+    itself and 1. In bf16, W's signs: +-1 and 0 are exact in bf16 where W = +-c is not, and a
+    ReLU net is positively homogeneous, so the product C of the layers' constants moves to the
+    logits, and the scores' gradients (straight-through, grad * W) get W * C / c_i."""
+    weights = [m.weight for m in layers]
+    if dtype == torch.float32:
+        return (weights, weights), 1.0
+    constants = [float(w.abs().max()) for w in weights]
+    C = math.prod(constants)
+    return ([w.sign() for w in weights], [w * (C / c) for w, c in zip(weights, constants)]), C
+
+
 @torch.no_grad()
-def mlp_step(layers, x, y):
+def mlp_step(layers, units, x, y, dtype=torch.float32):
     """(loss, the scores' gradients) of threshold_mlp_layers on one batch, x [..., B, in] and
-    y [..., B], with the backward written out: the ops autograd runs, in its order, so the same
-    numbers bit for bit (a test checks it), without recording a graph (faster; docs/speed.md)."""
-    inputs, weights, y = [x.reshape(-1, x.shape[-1])], [], y.flatten()  # each layer's input
+    y [..., B], with the backward written out: in fp32 the ops autograd runs, in its order, so
+    the same numbers bit for bit (a test checks it), without recording a graph (faster;
+    docs/speed.md). In bf16 the six matrix products take bf16 operands (masked weights exact,
+    see mlp_units); the logits, loss and gradients of the scores stay fp32. units: mlp_units."""
+    (signs, grad_factors), logit_factor = units
+    inputs, weights, y = [x.reshape(-1, x.shape[-1]).to(dtype)], [], y.flatten()
     for i, m in enumerate(layers):
-        weights.append(threshold_masked(m.scores, m.weight))
+        weights.append(threshold_masked(m.scores, signs[i]).to(dtype))
         out = torch.mm(inputs[-1], weights[-1].t())
         inputs.append(out.relu_() if i < len(layers) - 1 else out)
-    logp = inputs[-1].log_softmax(1)
+    logits = inputs[-1].float()
+    logp = (logits if logit_factor == 1 else logits.mul_(logit_factor)).log_softmax(1)
     g = torch.zeros_like(logp).scatter_(1, y[:, None], -1 / len(y))  # d mean NLL / d logp
-    g = torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
+    g = torch._log_softmax_backward_data(g, logp, 1, logp.dtype).to(dtype)
     grads = [None] * len(layers)
     for i in reversed(range(len(layers))):
-        grads[i] = torch.mm(g.t(), inputs[i]).mul_(layers[i].weight)  # straight-through: * W
-        if i:
-            g = torch.mm(g, weights[i]).masked_fill_(inputs[i] <= 0, 0)  # through the ReLU
+        grads[i] = torch.mm(g.t(), inputs[i]).float().mul_(grad_factors[i])  # STE: * W
+        if i:  # through the ReLU: autograd's own ReLU backward, no separate mask
+            g = torch.ops.aten.threshold_backward(torch.mm(g, weights[i]), inputs[i], 0)
     return F.nll_loss(logp, y), grads
 
 
-def train_steps(model, batches, opt, accum=1):
+class RMSprop(torch.optim.Optimizer):
+    """torch.optim.RMSprop's update at its defaults (no momentum, not centered), bit for bit
+    (a test checks it), in five in-place ops per tensor and without its step counters:
+    v = alpha v + (1 - alpha) g^2; p -= lr g / (sqrt(v) + eps)."""
+
+    def __init__(self, params, lr, alpha=0.99, eps=1e-8):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    v = self.state[p].setdefault("square_avg", torch.zeros_like(p))
+                    v.mul_(alpha).addcmul_(p.grad, p.grad, value=1 - alpha)
+                    p.addcdiv_(p.grad, v.sqrt().add_(eps), value=-lr)
+
+
+def train_steps(model, batches, opt, accum=1, dtype=torch.float32):
     """One optimizer step of cross-entropy per (x, y) batch; -> the mean loss. x [B, ...] and
     y [B], or [P, B, ...] and [P, B] for P tasks at once (losses summed: each task gets its own
-    gradient). A threshold MLP takes mlp_step (the same numbers). accum > 1 splits each batch
-    into parts whose gradients add up (less memory; BatchNorm sees the parts)."""
+    gradient). A threshold MLP takes mlp_step (in fp32 the same numbers); the rest autograd,
+    under bf16 autocast if dtype is bf16. accum > 1 splits each batch into parts whose
+    gradients add up (less memory; BatchNorm sees the parts)."""
     total, n, layers = 0.0, 0, threshold_mlp_layers(model)
+    units = layers and mlp_units(layers, dtype)
     for x, y in batches:
         tasks = y.numel() // y.shape[-1]
         if layers and tasks == 1 and accum == 1:
-            loss, grads = mlp_step(layers, x, y)
+            loss, grads = mlp_step(layers, units, x, y, dtype)
             for m, grad in zip(layers, grads):
                 m.scores.grad = grad
         else:
             opt.zero_grad(set_to_none=True)
             loss, dim = 0.0, y.dim() - 1  # the batch dimension
             for xs, ys in zip(x.tensor_split(accum, dim), y.tensor_split(accum, dim)):
-                part = F.cross_entropy(model(xs).flatten(0, -2), ys.flatten()) * (
+                with autocast(x.device, dtype):
+                    logits = model(xs).flatten(0, -2)
+                part = F.cross_entropy(logits.float(), ys.flatten()) * (
                     tasks * ys.shape[-1] / y.shape[-1])
                 part.backward()
                 loss = loss + part.detach()
         opt.step()
         total, n = total + loss / tasks, n + 1
     return float(total) / max(n, 1)
+
+
+def autocast(device, dtype):
+    """Autocast to dtype for the matrix products (convolutions too), or off in fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 @torch.no_grad()

@@ -175,7 +175,7 @@ def test_parallel_training_matches_sequential():
 
 
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("chunk", [supsup.CHUNK, 2 * 784 * 300])  # 2 masks per chunk at most
+@pytest.mark.parametrize("chunk", [supsup.CHUNK, 2 * 784 * 300])  # 2 masks unpacked at a time
 def test_alpha_grads_equal_autograd_through_superposition(shared, chunk, monkeypatch):
     monkeypatch.setattr(supsup, "CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
@@ -206,16 +206,17 @@ def test_g_objective_gradient_only_through_superfluous_outputs():
     assert torch.allclose(supsup.g_objective(z), z.logsumexp(-1))
 
 
-def train_tasks(net, inputs, labels, steps, lr, seed=0, batch=64):
+def train_tasks(net, inputs, labels, steps, lr, seed=0, batch=64, dtype=torch.float32):
     """Train one mask per task on (inputs[t], labels) with RMSprop, as run_gn.py does."""
     for t, x in enumerate(inputs):
-        opt = torch.optim.RMSprop(supsup.start_task(net, seed), lr=lr)
+        opt = supsup.RMSprop(supsup.start_task(net, seed), lr=lr)
         idx = data.train_batches(len(x), batch, steps, seed, t, "cpu")
-        supsup.train_steps(net, ((x[i], labels[i]) for i in idx), opt)
+        supsup.train_steps(net, ((x[i], labels[i]) for i in idx), opt, dtype=dtype)
         supsup.finish_task(net)
 
 
-def test_oneshot_and_binary_pick_the_right_task_constructed():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # trained, inferred
+def test_oneshot_and_binary_pick_the_right_task_constructed(dtype):
     # 10 gaussian classes in 64-d; each task sees them through its own feature permutation
     gen = torch.Generator().manual_seed(0)
     protos, k = torch.randn(10, 64, generator=gen) * 2, 5
@@ -223,18 +224,20 @@ def test_oneshot_and_binary_pick_the_right_task_constructed():
     x = protos[y] + torch.randn(600, 64, generator=gen)
     perms = [torch.randperm(64, generator=gen) for _ in range(k)]
     net = nets.mlp([64, 128], 40, k, seed=0)
-    train_tasks(net, [x[:500][:, p] for p in perms], y[:500], steps=150, lr=1e-2)
+    train_tasks(net, [x[:500][:, p] for p in perms], y[:500], steps=150, lr=1e-2, dtype=dtype)
     test = torch.stack([x[500:][:, p] for p in perms])  # [k, 100, 64]
     one, _ = supsup.infer_tasks(net, test.flatten(0, 1)[:, None], torch.ones(500, 1),
-                                supsup.entropy)  # one image per decision
+                                supsup.entropy, dtype=dtype)  # one image per decision
     assert (one == torch.arange(k).repeat_interleave(100)).float().mean() > 0.9
     truth = torch.arange(k).repeat_interleave(10)
     for objective in supsup.OBJECTIVES.values():  # ten images per decision
         inferred, rounds = supsup.infer_tasks(net, test.view(k * 10, 10, 64),
-                                              torch.full((k * 10, 10), 0.1), objective)
+                                              torch.full((k * 10, 10), 0.1), objective,
+                                              dtype=dtype)
         assert rounds == 1 and (inferred == truth).float().mean() >= 0.96
         inferred, rounds = supsup.infer_tasks(net, test.view(k * 10, 10, 64),
-                                              torch.full((k * 10, 10), 0.1), objective, True)
+                                              torch.full((k * 10, 10), 0.1), objective, True,
+                                              dtype)
         assert rounds == math.ceil(math.log2(k)) and torch.equal(inferred, truth)
 
 
@@ -392,6 +395,7 @@ def test_gnu_and_gns_scoring_rule(tmp_path, monkeypatch):
     for scenario in ("GNu", "GNs"):
         args.scenario = scenario
         rows[scenario] = run_gn.evaluate(net, vx, vy, args, "cpu")
+    hits = []
     for t in range(2):
         order = data.test_order(300, args.seed, t, "cpu")
         x, y = vx[order][:, data.permutation(args.seed, t)], vy[order]
@@ -405,6 +409,16 @@ def test_gnu_and_gns_scoring_rule(tmp_path, monkeypatch):
                           preds[0], preds[1]).sum().item() / 300
         assert rows["GNu"][t]["acc"] == gnu and rows["GNs"][t]["acc"] == gns
         assert rows["GNu"][t]["task_acc"] == (2 / 3 if t == 0 else 1 / 3)
+        # a task's right predictions per batch, kept from when it was learned, score the same
+        supsup.set_task(net, t)
+        hits.append(run_gn.batch_hits(net, x, y, 128))
+        assert hits[t].tolist() == [preds[t][i:i + 128].sum().item() for i in (0, 128, 256)]
+    partly = torch.stack(hits).clone()
+    partly[1] = -1  # not known: scored again
+    for known in (torch.stack(hits), partly):
+        for scenario in ("GNu", "GNs"):
+            args.scenario = scenario
+            assert run_gn.evaluate(net, vx, vy, args, "cpu", hits=known) == rows[scenario]
         assert rows["GNu"][t]["given_acc"] == preds[t].sum().item() / 300
 
 
