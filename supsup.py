@@ -434,12 +434,10 @@ def mlp_units(layers, dtype):
     itself and 1. In bf16, W's signs: +-1 and 0 are exact in bf16 where W = +-c is not, and a
     ReLU net is positively homogeneous, so the product C of the layers' constants moves to the
     logits, and the scores' gradients (straight-through, grad * W) get W * C / c_i."""
-    weights = [m.weight for m in layers]
-    if dtype == torch.float32:
-        return (weights, weights), 1.0
-    constants = [float(w.abs().max()) for w in weights]
-    C = math.prod(constants)
-    return ([w.sign() for w in weights], [w * (C / c) for w, c in zip(weights, constants)]), C
+    units = [m.unit(dtype) for m in layers]  # W = c U
+    C = math.prod(c for _, c in units)
+    factors = [m.weight * (C / c) for m, (_, c) in zip(layers, units)]
+    return ([u.float() for u, _ in units], factors), C
 
 
 @torch.no_grad()
@@ -447,7 +445,7 @@ def mlp_step(layers, units, x, y, dtype=torch.float32):
     """(loss, the scores' gradients) of threshold_mlp_layers on one batch, x [..., B, in] and
     y [..., B], with the backward written out: in fp32 the ops autograd runs, in its order, so
     the same numbers bit for bit (a test checks it), without recording a graph (faster;
-    docs/speed.md). In bf16 the six matrix products take bf16 operands (masked weights exact,
+    docs/speed.md). In bf16 the eight matrix products take bf16 operands (masked weights exact,
     see mlp_units); the logits, loss and gradients of the scores stay fp32. units: mlp_units."""
     (signs, grad_factors), logit_factor = units
     inputs, weights, y = [x.reshape(-1, x.shape[-1]).to(dtype)], [], y.flatten()

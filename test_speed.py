@@ -19,7 +19,7 @@ BF16 = torch.bfloat16
 
 def test_rmsprop_is_torchs_update_bit_for_bit_and_by_hand():
     gen = torch.Generator().manual_seed(0)
-    ours = [torch.nn.Parameter(torch.randn(7, 5, generator=gen)), torch.nn.Parameter(torch.randn(3))]
+    ours = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((7, 5), (3,))]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     start = [p.detach().clone() for p in ours]
     opts = supsup.RMSprop(ours, lr=1e-2), torch.optim.RMSprop(theirs, lr=1e-2)
@@ -49,7 +49,8 @@ def test_bf16_units_are_exact_signs_and_constants():
         assert torch.equal(s.to(BF16).float() * float(m.weight.abs().max()), m.weight)
         assert torch.allclose(f, m.weight * C / c, rtol=1e-6)
     (w, w2), one = supsup.mlp_units(layers, torch.float32)
-    assert one == 1 and all(a is m.weight and b is m.weight for a, b, m in zip(w, w2, layers))
+    assert one == 1 and all(torch.equal(a, m.weight) and torch.equal(b, m.weight)
+                            for a, b, m in zip(w, w2, layers))
 
 
 @pytest.mark.parametrize("model", [nets.lenet, nets.fc1024])
