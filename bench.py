@@ -146,6 +146,9 @@ def agreement(out, data, device):
     out): [(name, value, unit)], how often the two pick the same task, and each one's
     task-inference accuracy, over every test batch of every learned task."""
     state = harness.load_tensors(os.path.join(out, "ckpt.pt"))
+    if not isinstance(state, dict) or "crcs" not in state:
+        raise harness.UserError(f"{out} holds no finished run_gn.py SupSup run (its ckpt.pt and "
+                                "masks.bin); pass such a run folder to --agreement")
     args = argparse.Namespace(**{**state["args"], "data": data or state["args"]["data"]})
     _, _, test_x, test_y = run_gn.load_data(args, device)
     model = NETS[args.model](args.output_size, args.tasks, args.seed).to(device)
@@ -183,8 +186,11 @@ def main(argv=None):
             p.error(str(e))
         label = harness.device_name(device)
         parallel = args.parallel or (4 if device.type == "cpu" else 25)
-        measured = (agreement(args.agreement, args.data, device) if args.agreement
-                    else bench(device, parallel))
+        try:
+            measured = (agreement(args.agreement, args.data, device) if args.agreement
+                        else bench(device, parallel))
+        except harness.UserError as e:
+            p.error(str(e))
         for metric, value, unit in measured:
             results.append(dict(name=metric, value=round(value, 4), unit=unit, device=label))
             if args.json:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import bench
 import harness
 import nets
 import run_gn
@@ -151,3 +152,16 @@ def test_a_checkpoint_without_kept_hits_resumes_to_the_same_rows(tmp_path, monke
 
     monkeypatch.setattr(harness, "save_checkpoint", without_hits)
     assert timeless(crash_then_resume(monkeypatch, run_gn.main, argv, at=2)) == timeless(whole)
+
+
+def test_bench_agreement_decides_as_the_run_did(tmp_path):
+    write_fake_mnist(str(tmp_path))
+    out = str(tmp_path / "run")
+    rows = run_gn.main(small_args(str(tmp_path), out, "--precision", "fp32"))
+    last = [r for r in rows if r["num_learned"] == 3]
+    found = {r["name"]: r["value"] for r in bench.main(["--agreement", out, "--json"])}
+    # fp32 inference on the run's masks makes the run's own decisions (its task_acc)
+    assert found["task_acc_fp32"] == pytest.approx(sum(r["task_acc"] for r in last) / 3, abs=1e-4)
+    assert found["same_task"] == pytest.approx(1 - found["other_task"] / (3 * 2), abs=1e-4)
+    with pytest.raises(SystemExit):
+        bench.main(["--agreement", str(tmp_path / "nothing")])
