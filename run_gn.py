@@ -309,7 +309,7 @@ def write_outputs(out, state, columns=COLUMNS):
 
 def run(args):
     device = harness.get_device(args.device)
-    harness.precision_dtype(args, device)
+    dtype = harness.precision_dtype(args, device)
     weights, units = nets.mlp_weights(args.model, args.output_size)
     if args.method in COMPARISONS:
         harness.ensure_fits(4 * (4 * weights + 3 * args.tasks * units), device,
@@ -317,8 +317,7 @@ def run(args):
         setup, keys, start = setup_comparison, ("accs", "train_seconds", "method"), \
             dict(accs={}, train_seconds=[], probe=[])
     else:
-        unpacked = 2 if args.precision == "bf16" else 4  # bytes a weight, for task inference
-        harness.ensure_fits(args.tasks * weights * (1 / 8 + unpacked)
+        harness.ensure_fits(args.tasks * weights * (1 / 8 + dtype.itemsize)  # bits, unpacked
                             + 4 * (2 + args.parallel) * weights,
                             device, f"the masks of --tasks {args.tasks} on {args.model} with "
                                     f"--output-size {args.output_size}")

@@ -129,10 +129,9 @@ def choose(masks, x, allocated, args, dtype=torch.float32):
 
 def run(args):
     device = harness.get_device(args.device)
-    harness.precision_dtype(args, device)
+    unpacked = harness.precision_dtype(args, device).itemsize  # bytes a weight, for inference
     slots = max(args.budget, args.floor)  # the masks allocated and the untrained candidates
     weights, _ = nets.mlp_weights(args.model, args.output_size)
-    unpacked = 2 if args.precision == "bf16" else 4  # bytes a weight, for task inference
     harness.ensure_fits(slots * weights * (1 / 8 + 4 + unpacked), device,
                         f"the masks and scores of --budget {args.budget} on {args.model} with "
                         f"--output-size {args.output_size}")

@@ -135,12 +135,15 @@ class MaskedLayer(nn.Module):
         """Stored masks of tasks lo..hi-1 as float 0/1, [hi-lo, N]."""
         return unpack(self.bank[lo:hi], self.weight.numel(), out)
 
+    def constant(self, dtype=torch.float32):
+        """unit()'s c, without forming U."""
+        return 1.0 if dtype == torch.float32 else float(self.weight.abs().max())
+
     def unit(self, dtype=torch.float32):
         """(U, c) with W = c U, U as the products take it: in fp32 W itself and 1; in bf16 W's
         signs, +-1 (exact in bf16, where +-c is not), and c."""
-        if dtype == torch.float32:
-            return self.weight, 1.0
-        return self.weight.sign().to(dtype), float(self.weight.abs().max())
+        c = self.constant(dtype)
+        return (self.weight if c == 1 else self.weight.sign().to(dtype)), c
 
     def masked_rows(self, k, dtype=torch.float32):
         """U * M_i of the first k stored masks, [k, N] in dtype (times unit()'s c: W * M_i),
@@ -156,7 +159,7 @@ class MaskedLayer(nn.Module):
         stale = (self.bank[:k] != self.rows_bits[:k]).any(1)
         stale[self.rows_valid:] = True
         stale = stale.nonzero().flatten()
-        unit = self.unit(dtype)[0].flatten()
+        unit = self.unit(dtype)[0].flatten() if len(stale) else None  # (most calls: none)
         size = max(1, CHUNK // n)
         for lo in range(0, len(stale), size):
             part = stale[lo:lo + size]
@@ -168,7 +171,7 @@ class MaskedLayer(nn.Module):
     def superpose(self, alphas, dtype=torch.float32):
         """W * sum_i alphas[..., i] M_i over the first alphas.shape[-1] stored masks (paper
         Eq. 2), fp32: [N] for alphas [k], [D, N] for alphas [D, k]; the product in dtype."""
-        c = self.unit(dtype)[1]
+        c = self.constant(dtype)
         total = alphas.to(dtype) @ self.masked_rows(alphas.shape[-1], dtype)
         return total if c == 1 else total.float().mul_(c)
 
@@ -346,7 +349,7 @@ def alpha_grads(model, x, weights, alphas, objective, dtype=torch.float32):
     in dtype (bf16: the rows exact, the products rounded to bf16, the sum over layers fp32).
     Working memory: the masked rows (kept) and a few CHUNKs of activations and gradients."""
     layers, k, step = masked_layers(model), alphas.shape[-1], decision_chunk(model)
-    rows = [(m.masked_rows(k, dtype), m.unit(dtype)[1]) for m in layers]
+    rows = [(m.masked_rows(k, dtype), m.constant(dtype)) for m in layers]
     shared = [m.superpose(alphas, dtype) for m in layers] if alphas.dim() == 1 else None
     bufs = [torch.empty(min(step, len(x)), m.weight.numel(), dtype=dtype, device=x.device)
             for m in layers]  # reused: a fresh 100 MB buffer costs tens of ms in page faults
