@@ -17,8 +17,10 @@ import time
 
 import torch
 
+import data
+import fast
+import gn
 import harness
-import run_gn
 import supsup
 from nets import NETS
 
@@ -50,17 +52,16 @@ def train_ms_per_step(name, device, steps, parallel=1, reps=3, dtype=torch.float
     """run_gn.py's training of `parallel` tasks at once (scores, mask, forward, backward,
     RMSprop, batch gather and permutation), the products in dtype: best of reps, in ms per
     step of one task."""
-    model = NETS[name](run_gn.OUTPUT_SIZE[name], num_tasks=2 * parallel, seed=1).to(device)
+    model = NETS[name](gn.OUTPUT_SIZE[name], num_tasks=2 * parallel, seed=1).to(device)
     x = torch.randn(60000, 785, device=device).to(dtype)
     y = torch.randint(0, 10, (60000,), device=device)
     pix = torch.stack([torch.randperm(784, device=device) for _ in range(parallel)])
-    args = argparse.Namespace(steps=steps, batch_size=128, seed=1, lr=1e-4)
 
     def tasks():
         if supsup.num_learned(model) == 2 * parallel:  # bank full: start over (timing only)
             for m in supsup.masked_layers(model):
                 m.num_learned = 0
-        run_gn.train_tasks(model, x, y, pix, args)
+        gn.train_tasks(model, x, y, pix, seed=1, lr=1e-4, batch_size=128, steps=steps)
     return 1e3 * seconds(tasks, device, reps) / steps / parallel
 
 
@@ -77,28 +78,28 @@ def bank(k, device):
     return model
 
 
-def oneshot(model, device, dtype):
+def oneshot(inference, device):
     """One-shot inference of one image per decision among a model's k masks, with as many
     decisions per call as two chunks hold (run_gn.py passes many), the masks unpacked
     beforehand (kept between calls): ms per decision, and GFLOP/s counting k * masked weights
     * 2 FLOPs per decision."""
-    decisions = supsup.decision_chunk(model) * (2 if device.type == "cpu" else 16)
+    decisions = inference.decision_chunk() * (2 if device.type == "cpu" else 16)
     x = torch.randn(decisions, 1, 784, device=device)
     w = torch.ones(decisions, 1, device=device)
-    t = seconds(lambda: supsup.infer_tasks(model, x, w, supsup.entropy, dtype=dtype), device, 3)
-    k = supsup.num_learned(model)
+    t = seconds(lambda: inference.infer_tasks(x, w, supsup.entropy), device, 3)
+    k, model = supsup.num_learned(inference.model), inference.model
     return 1e3 * t / decisions, 2 * k * masked_weights(model) / (t / decisions) / 1e9
 
 
-def check_ms(model, device, dtype):
+def check_ms(inference, device):
     """run_nns.py's check of a training batch of 128 images among a model's k masks (one
     decision, its superposition and its alpha gradients), the masks unpacked beforehand."""
     x = torch.randn(1, 128, 784, device=device)
     w = torch.full((1, 128), 1 / 128, device=device)
-    k = supsup.num_learned(model)
+    k = supsup.num_learned(inference.model)
     alphas = torch.full((k,), 1 / k, device=device)
-    return 1e3 * seconds(lambda: supsup.alpha_grads(model, x, w, alphas, supsup.entropy,
-                                                    dtype), device, 3)
+    return 1e3 * seconds(lambda: inference.alpha_grads(inference.model, x, w, alphas,
+                                                       supsup.entropy), device, 3)
 
 
 def bench(device, parallel):
@@ -131,17 +132,18 @@ def bench(device, parallel):
         weights = masked_weights(model)
         rows.append((f"mask_bank_mb_{k}", k * weights / 8 / 1e6, "MB, 1 bit a weight"))
         for p, dtype in precisions.items():
-            ms_decision, rate = oneshot(model, device, dtype)
+            inference = fast.Inference(model, dtype)
+            ms_decision, rate = oneshot(inference, device)
             rows += [(f"oneshot_ms_{k}{p}", ms_decision, "ms per decision"),
                      (f"oneshot_gflops_frac_{k}{p}", rate / gflops[p], f"of matmul_gflops{p}"),
-                     (f"nns_check_ms_{k}{p}", check_ms(model, device, dtype), "ms per check"),
+                     (f"nns_check_ms_{k}{p}", check_ms(inference, device), "ms per check"),
                      (f"mask_rows_mb_{k}{p}", k * weights * dtype.itemsize / 1e6,
                       "MB, the masks unpacked for inference")]
-        del model
+        del model, inference
     return rows
 
 
-def agreement(out, data, device):
+def agreement(out, data_dir, device):
     """Task inference in fp32 and in bf16 on the masks of a finished run_gn.py run (its folder
     out): [(name, value, unit)], how often the two pick the same task, and each one's
     task-inference accuracy, over every test batch of every learned task."""
@@ -149,12 +151,18 @@ def agreement(out, data, device):
     if not isinstance(state, dict) or "crcs" not in state:
         raise harness.UserError(f"{out} holds no finished run_gn.py SupSup run (its ckpt.pt and "
                                 "masks.bin); pass such a run folder to --agreement")
-    args = argparse.Namespace(**{**state["args"], "data": data or state["args"]["data"]})
-    _, _, test_x, test_y = run_gn.load_data(args, device)
+    args = argparse.Namespace(**{**state["args"], "data": data_dir or state["args"]["data"]})
+    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    if args.validation:  # the last 10,000 training images, as run_gn.py's load_data
+        test_x, test_y = train_x[-10000:], train_y[-10000:]
+    tests = gn.TestSets(test_x, test_y, data.PIXEL_MAPS[args.dataset], args.seed,
+                        args.test_batch_size)
     model = NETS[args.model](args.output_size, args.tasks, args.seed).to(device)
     harness.read_masks(os.path.join(out, "masks.bin"), model, state["crcs"])
-    truth = torch.arange(supsup.num_learned(model), device=device)[:, None]
-    picks = {p: run_gn.decisions(model, test_x, test_y, args, device, dtype)
+    k = supsup.num_learned(model)
+    truth = torch.arange(k, device=device)[:, None]
+    picks = {p: tests.decisions(model, fast.Inference(model, dtype), k, args.infer_examples,
+                                supsup.OBJECTIVES[args.objective], args.infer == "binary")
              for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     same = (picks["fp32"] == picks["bf16"]).float()
     return [("same_task", same.mean().item(), f"of {same.numel()} decisions"),
@@ -189,7 +197,7 @@ def main(argv=None):
         try:
             measured = (agreement(args.agreement, args.data, device) if args.agreement
                         else bench(device, parallel))
-        except harness.UserError as e:
+        except (harness.UserError, data.DataError) as e:
             p.error(str(e))
         for metric, value, unit in measured:
             results.append(dict(name=metric, value=round(value, 4), unit=unit, device=label))

@@ -19,9 +19,9 @@ import data
 import harness
 import supsup
 
+ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository: its scripts, run_all.sh
 DEVICE = os.environ.get("SUPSUP_TEST_DEVICE", "cpu")  # where the tests' runs run
-MNIST = os.environ.get("MNIST_DIR", os.path.join(os.path.dirname(__file__), "..", "shared",
-                                                 "data", "mnist"))
+MNIST = os.environ.get("MNIST_DIR", os.path.join(ROOT, "..", "shared", "data", "mnist"))
 needs_mnist = pytest.mark.skipif(data.find_mnist(MNIST) is None,
                                  reason=f"real MNIST idx files not found in {MNIST}")
 
@@ -105,6 +105,7 @@ def crash_then_resume(monkeypatch, main, argv, at=1, saved=True):
 
 def timeless(rows):
     return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in rows]
+
 
 def small_args(folder, out, *extra):
     return ["--data", folder, "--out", out, "--tasks", "3", "--steps", "15", "--eval-at", "2",

@@ -7,9 +7,11 @@ pixel indices, whose off-image pixels read an extra column holding the normalize
 black. Batches are index gathers: no per-sample transforms, no DataLoader. Every random draw
 comes from a generator keyed by (seed, task). GG's data sets are in gg_data.py.
 """
+import argparse
 import gzip
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -17,7 +19,11 @@ from torchvision import datasets
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from harness import UserError, fetch_main
+
+class DataError(Exception):
+    """A data set that is missing, unreadable or not what it should be: the run scripts print
+    it as one line and exit 1."""
+
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics (the original's Normalize)
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -32,7 +38,7 @@ def download(name, root, fetch, fix):
         fetch()
     except Exception as e:  # no network, a bad checksum, a folder we cannot write
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{name} is not in {root} and downloading it failed ({reason}); "
+        raise DataError(f"{name} is not in {root} and downloading it failed ({reason}); "
                         f"{fix}") from None
 
 
@@ -46,13 +52,13 @@ def read_idx(path):
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except (OSError, EOFError) as e:
-        raise UserError(f"cannot read {path} ({e}); delete it and download it again") from None
+        raise DataError(f"cannot read {path} ({e}); delete it and download it again") from None
     if len(raw) < 4 or raw[:3] != b"\0\0\x08" or raw[3] not in (1, 3):
-        raise UserError(f"{path} is not an MNIST idx file; delete it and download it again")
+        raise DataError(f"{path} is not an MNIST idx file; delete it and download it again")
     dims = np.frombuffer(raw, ">u4", raw[3], 4).astype(int)
     start = 4 + 4 * raw[3]
     if len(raw) != start + math.prod(dims):
-        raise UserError(f"{path} is truncated or corrupt ({len(raw)} bytes for shape "
+        raise DataError(f"{path} is truncated or corrupt ({len(raw)} bytes for shape "
                         f"{tuple(dims)}); delete it and download it again")
     return np.frombuffer(raw, np.uint8, offset=start).reshape(dims).copy()
 
@@ -81,10 +87,10 @@ def load_mnist(root, device):
     arrays = [read_idx(p) for p in paths]
     for x, y, p, q in ((*arrays[:2], *paths[:2]), (*arrays[2:], *paths[2:])):
         if x.ndim != 3 or x.shape[1:] != (SIDE, SIDE) or y.shape != x.shape[:1] or not len(x):
-            raise UserError(f"{p} and {q} do not hold matching 28x28 images and labels; "
+            raise DataError(f"{p} and {q} do not hold matching 28x28 images and labels; "
                             "delete them and download them again")
         if y.max() > 9:
-            raise UserError(f"{q} holds labels outside 0..9; delete it and download it again")
+            raise DataError(f"{q} holds labels outside 0..9; delete it and download it again")
     out = []
     for x, y in ((arrays[0], arrays[1]), (arrays[2], arrays[3])):
         x = (torch.from_numpy(x.reshape(len(x), -1)).float() / 255 - MEAN) / STD
@@ -123,6 +129,21 @@ def train_batches(n, batch_size, steps, seed, t, device):
 def test_order(n, seed, t, device):
     """The shuffled order of task t's test set (its batches decide the task in inference)."""
     return torch.from_numpy(np.random.default_rng([seed, t, 2]).permutation(n)).to(device)
+
+
+def fetch_main(argv, name, load, prog):
+    """A data module's main: load(--data, "cpu") fetches the data set if it is missing and
+    checks that it reads."""
+    p = argparse.ArgumentParser(prog=prog, description=f"Fetch {name} into --data if missing, "
+                                                       "and check that it reads.")
+    p.add_argument("--data", default="data", help="data folder (default: data)")
+    args = p.parse_args(argv)
+    try:
+        load(args.data, "cpu")
+    except DataError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{name}: ready in {args.data}", flush=True)
 
 
 def main(argv=None):

@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import data
 import supsup
-from harness import UserError, fetch_main
+from data import DataError, fetch_main
 
 # SplitCIFAR100 is normalized with CIFAR-10's channel statistics, as the original does: the
 # numbers decide what the black padding of a crop becomes, so they are kept, not recomputed
@@ -58,7 +58,7 @@ def load_cifar100(root, device):
             if len(y) != len(x) or y.min() < 0 or y.max() > 99:
                 raise ValueError("labels do not match the images")
         except Exception as e:  # unreadable, not a pickle, or not CIFAR-100's dict
-            raise UserError(f"{path} is not a CIFAR-100 python pickle ({type(e).__name__}: "
+            raise DataError(f"{path} is not a CIFAR-100 python pickle ({type(e).__name__}: "
                             f"{e}); delete it and download it again") from None
         x = (torch.from_numpy(x).float() / 255 - mean) / std
         out += [x.to(device), torch.from_numpy(y).to(device)]
@@ -136,7 +136,7 @@ class ImageFolder(datasets.ImageFolder):
         try:
             super().__init__(root, v2.Compose(steps + [v2.PILToTensor()]))
         except OSError as e:  # no such folder, no class folder, a class folder without images
-            raise UserError(f"{root} is not an ImageFolder split ({e}); pass --data DIR holding "
+            raise DataError(f"{root} is not an ImageFolder split ({e}); pass --data DIR holding "
                             "train/ and val/, each with one folder of images per class") from None
         self.size = size
 
@@ -171,7 +171,7 @@ def normalized_batches(loader, device):
                 reason = "it did not go through the transforms"
             except Exception as e:  # decoded again here, for the reason
                 reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-            raise UserError(f"cannot decode the image {path} ({reason}); delete or replace it")
+            raise DataError(f"cannot decode the image {path} ({reason}); delete or replace it")
         x = x.to(device, non_blocking=True).float().div_(255)
         yield (x - mean) / std, y.to(device, non_blocking=True)
 
@@ -231,7 +231,7 @@ class TensorTasks:
         """Tasks t..t+n-1's batches stacked to [n, B, ...], each drawn as when trained alone."""
         sizes = {len(self.task(i, train=True)[1]) for i in range(t, t + n)}
         if len(sizes) > 1:
-            raise UserError(f"tasks {t}..{t + n - 1} have {sorted(sizes)} training "
+            raise DataError(f"tasks {t}..{t + n - 1} have {sorted(sizes)} training "
                                    "examples; --parallel needs tasks of one size (drop it)")
         groups = zip(*[list(self.train_batches(i, epoch)) for i in range(t, t + n)])
         for group in groups:
@@ -249,7 +249,7 @@ class FolderTasks:
                        for folder in ("train", "val")}  # scanned once: train/ has 1.28M files
         n = [len(images.classes) for images in self.images.values()]
         if n[0] != n[1] or n[0] < 10 * args.tasks:
-            raise UserError(f"{args.data} has {n[0]} train and {n[1]} val classes; "
+            raise DataError(f"{args.data} has {n[0]} train and {n[1]} val classes; "
                                    f"{args.tasks} tasks need 10 each in both (ImageNet: 1000)")
         self.split = imagenet_split(n[0] // 10 * 10)
         self.position = torch.zeros(n[0], dtype=torch.long, device=device)  # label in its task
@@ -317,7 +317,8 @@ def synthetic_imagefolder(root, classes=20, per_class=2, seed=0):
 
 
 def main(argv=None):
-    """python gg_data.py --data DIR: download CIFAR-100 if missing and check that it reads, once, before
+    """python gg_data.py --data DIR: download CIFAR-100 if missing and check that it reads, once,
+    before
     runs that share the folder start (run_all.sh does)."""
     return fetch_main(argv, "CIFAR-100", load_cifar100, "gg_data.py")
 

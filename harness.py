@@ -24,11 +24,13 @@ import zlib
 import numpy as np
 import torch
 
+import data
 import supsup
 
 
 class UserError(Exception):
-    """A problem with the user's input or files: printed as one line, then exit 1."""
+    """A problem with the user's input or files: printed as one line, then exit 1 (as is a
+    data.DataError)."""
 
 
 # --------------------------------------------------------------------------------- flags
@@ -208,21 +210,9 @@ def run_or_exit(run, args, prog):
     keep_freed_memory()
     try:
         return run(args)
-    except UserError as e:
+    except (UserError, data.DataError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
-
-
-def fetch_main(argv, name, load, prog):
-    """A data module's main: load(--data, "cpu") fetches the data set if it is missing and
-    checks that it reads."""
-    p = Parser(description=f"Fetch {name} into --data if missing, and check that it reads.")
-    p.add_argument("--data", default="data", help="data folder")
-
-    def fetch(args):
-        load(args.data, "cpu")
-        print(f"{name}: ready in {args.data}", flush=True)
-    return run_or_exit(fetch, p.parse_args(argv), prog)
 
 
 # ------------------------------------------------------------------------------- files
@@ -317,7 +307,8 @@ def read_records(path, width, crcs):
     bad = [i for i, (r, c) in enumerate(zip(records, crcs)) if zlib.crc32(r.numpy().tobytes()) != c]
     if bad:
         raise UserError(f"{path}: the records of tasks {bad[:5]}{' ...' if len(bad) > 5 else ''} "
-                        "are not the ones the checkpoint wrote; delete the run folder to start over")
+                        "are not the ones the checkpoint wrote; delete the run folder to start "
+                        "over")
     return records
 
 
@@ -342,15 +333,12 @@ def read_masks(path, model, crcs):
 # ---------------------------------------------------------------------------- run folders
 
 VOLATILE = ("data", "device", "out", "workers", "given")  # may change when a run resumes
-ADDED = {"precision": "fp32"}  # flags added since runs began whose default changed what ran
 
 
 def same_run(old, new, volatile=VOLATILE):
     """The differences between two argument dicts that matter for resuming: a key only one
-    side has (a flag added or removed since) counts only if that side gave it explicitly, or
-    if it is in ADDED (the value every run had before the flag)."""
+    side has (a flag added or removed since) counts only if that side gave it explicitly."""
     diff = []
-    old = {**{k: v for k, v in ADDED.items() if k in new}, **old}
     for k in sorted(set(old) | set(new)):
         if k in volatile:
             continue
@@ -362,10 +350,12 @@ def same_run(old, new, volatile=VOLATILE):
     return diff
 
 
-def open_run(out, args, device, keys=("args",), outputs=("results.csv",)):
+def open_run(out, args, device, keys=("args",), outputs=("results.csv",), facts=None):
     """Make the run folder; -> the state of its checkpoint if it holds one of these arguments
     (None for a new run). A folder with outputs but no checkpoint is refused, never
-    overwritten; so are a checkpoint that is not this script's and one of another run."""
+    overwritten; so are a checkpoint that is not this script's and one of another run. A new
+    run's args.json holds the arguments, the versions and device, and `facts` (a comparison
+    method's, for plot.py) if given."""
     try:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, ".write-test"), "w"):
@@ -382,6 +372,8 @@ def open_run(out, args, device, keys=("args",), outputs=("results.csv",)):
                             "--out (or delete the folder to start over)")
         env = dict(torch=torch.__version__, device_name=device_name(device),
                    started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if facts is not None:
+            env["method_facts"] = facts
         write_atomic(os.path.join(out, "args.json"),
                      lambda f: json.dump({**args, **env}, f, indent=1))
         return None
@@ -400,39 +392,49 @@ def save_checkpoint(out, state):
     save_tensors(os.path.join(out, "ckpt.pt"), state)
 
 
-def run_tasks(args, device, setup, write, summary, keys=(), outputs=("results.csv",),
-              total=None, out=None, start=None):
-    """The run-and-resume loop of every script, with one checkpoint layout: a dict holding
-    the arguments, `learned` (tasks done), `rows`, `seconds` and the script's own `keys`.
+def resume(args, device, start, outputs=("results.csv",), out=None, facts=None):
+    """The state of the run in the folder out (default args.out): its checkpoint's, checked to
+    be a run of these arguments holding every key of `start`, or, for a new run, `start` with
+    the arguments, learned 0 (tasks done), rows [] and seconds 0. A resumed run's files are
+    written again by the caller (a kill may have come between its checkpoint and its CSVs)."""
+    out = out or args.out
+    keys = ("args", "learned", "rows", "seconds", *start)
+    return open_run(out, vars(args), device, keys, outputs, facts) or dict(
+        args=vars(args), learned=0, rows=[], seconds=0.0, **start)
 
-    A new run starts from that dict with learned 0 and `start` (the script's initial keys); a
-    folder with a checkpoint resumes from it and first writes its CSVs again (write(state)); a
-    finished one prints summary(state) and returns. Otherwise setup(state), which loads the
-    data and the model, returns a step(state, clock): it learns the next task or tasks, raises
-    learned, may append rows and writes its masks; clock() is the run's seconds so far, across
-    resumes. After each step: the checkpoint, then the CSVs; at the end the summary. -> the
-    final state."""
-    out, total = out or args.out, args.tasks if total is None else total
-    state = open_run(out, vars(args), device, ("args", "learned", "rows", "seconds") + keys,
-                     outputs)
-    if state:
-        # a key of `start` that the checkpoint lacks (added since it was written, like the
-        # plasticity probe) resumes from its start value
-        state = {**(start or {}), **state}
-        write(state)
-        if state["learned"] == total:
-            print(f"{summary(state)}  (finished; {out})")
-            return state
-    state = state or dict(args=vars(args), learned=0, rows=[], seconds=0.0, **(start or {}))
-    step = setup(state)
-    began = time.time() - state["seconds"]
 
-    def clock():
-        return time.time() - began
-    while state["learned"] < total:
-        step(state, clock)
-        state["seconds"] = clock()
-        save_checkpoint(out, state)
-        write(state)
-    print(f"{summary(state)}  done in {state['seconds'] / 60:.1f} min; results in {out}")
-    return state
+class Clock:
+    """The run's seconds so far, across resumes."""
+
+    def __init__(self, state):
+        self.began = time.time() - state["seconds"]
+
+    def __call__(self):
+        return time.time() - self.began
+
+
+def checkpoint(out, state, clock, write):
+    """After each step of a run: the checkpoint first, then the files derived from it
+    (write(out, state)), so that a kill between any two writes loses nothing."""
+    state["seconds"] = clock()
+    save_checkpoint(out, state)
+    write(out, state)
+
+
+def finished(state, summary, out, now=False):
+    """The summary line of a finished run; -> its rows."""
+    print(f"{summary}  " + (f"done in {state['seconds'] / 60:.1f} min; results in {out}" if now
+                            else f"(finished; {out})"))
+    return state["rows"]
+
+
+def write_outputs(out, state, columns, probe_columns=()):
+    """results.csv, probe.csv and a method's diagnostics.csv, derived from the checkpoint's
+    state."""
+    if state["rows"]:
+        write_csv(os.path.join(out, "results.csv"), state["rows"], columns)
+    if state.get("probe"):
+        write_csv(os.path.join(out, "probe.csv"), state["probe"], probe_columns)
+    log = (state.get("method") or {}).get("log")
+    if log:
+        write_csv(os.path.join(out, "diagnostics.csv"), log, list(log[0]))

@@ -18,21 +18,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import gn
 import harness
-import run_gn
 import supsup
 from harness import positive_float, positive_int
 
-class StraightThrough(torch.autograd.Function):
-    """1[s >= 0] forward, identity backward."""
+LABEL = "GNu hopsupsup"  # its console lines, as run_gn.py labels a scenario and method
 
-    @staticmethod
-    def forward(ctx, s):
-        return (s >= 0).float()
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+def binary_mask(scores):
+    """1[scores >= 0], its gradient passed straight through to the scores."""
+    return supsup.StraightThrough.apply(scores, (scores >= 0).float())
 
 
 class NeuronMask(nn.Module):
@@ -52,7 +48,7 @@ class NeuronMask(nn.Module):
     def mask(self):
         if self.task < self.num_learned:
             return self.bank[self.task].float()
-        return StraightThrough.apply(self.scores)
+        return binary_mask(self.scores)
 
     def forward(self, x):
         return F.batch_norm(x, None, None, training=True) * self.mask()
@@ -70,7 +66,7 @@ class NeuronMask(nn.Module):
 
     def energy(self):
         """Hopfield energy -1/2 s^T psi s of s = 2 mask - 1 (straight-through to the scores)."""
-        s = 2 * StraightThrough.apply(self.scores) - 1
+        s = 2 * binary_mask(self.scores) - 1
         return -0.5 * s @ self.psi @ s
 
 
@@ -92,7 +88,8 @@ def recover(model, batches, gamma=1.5e-3, lr=500.0):
     opt = torch.optim.SGD([m.scores for m in layers], lr=lr, momentum=0.9, weight_decay=1e-4)
     for b, x in enumerate(batches):
         w = (b + 1) / len(batches)
-        loss = (1 - w) * supsup.entropy(model(x)).mean() + gamma * w * sum(m.energy() for m in layers)
+        energy = sum(m.energy() for m in layers)
+        loss = (1 - w) * supsup.entropy(model(x)).mean() + gamma * w * energy
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -139,9 +136,6 @@ def get_parser():
 def resolve(args, parser):
     if args.tasks > 5:
         parser.error(f"--tasks {args.tasks}: SplitMNIST has 5 tasks")
-    # as run_gn.py's rows say it
-    args.scenario, args.dataset, args.model, args.method, args.infer, args.objective = (
-        "GNu", "splitmnist", "bnnet", "hopsupsup", "hopfield", "entropy")
     args.out = args.out or os.path.join("runs", f"hopsupsup-T{args.tasks}-seed{args.seed}")
     return args
 
@@ -204,47 +198,47 @@ def evaluate(model, test_x, test_y, args, log):
 
 
 def write_outputs(out, state):
-    """The CSVs, derived from the checkpoint's state (harness.run_tasks)."""
+    """The CSVs, derived from the checkpoint's state."""
     if state["rows"]:
-        harness.write_csv(os.path.join(out, "results.csv"), state["rows"], run_gn.COLUMNS)
+        harness.write_csv(os.path.join(out, "results.csv"), state["rows"], gn.COLUMNS)
         harness.write_csv(os.path.join(out, "hopfield.csv"), state["log"],
                           ["num_learned", "task", "step", "layer", "hamming"])
 
 
 def run(args):
     device = harness.get_device(args.device)
-
-    def setup(state):
-        train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-        model = bnnet(10, args.tasks, args.seed).to(device)
-        if state["learned"]:
-            model.load_state_dict(state["model"])
-            for m in neuron_masks(model):
-                m.num_learned = state["learned"]
-
-        def step(state, clock):
-            t, t0 = state["learned"], clock()
-            loss = train_task(model, *split_task(train_x, train_y, t), t, args)
-            harness.check_finite(loss, t, "--lr")
-            print(f"[hopfield] task {t + 1}/{args.tasks}  loss {loss:.3f}  "
-                  f"{clock() - t0:.1f}s", flush=True)
-            if t + 1 == args.tasks:
-                size = sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()  # mask bits, psi
-                           for m in neuron_masks(model))
-                for r in evaluate(model, test_x, test_y, args, state["log"]):
-                    r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
-                             method=args.method, infer=args.infer, objective=args.objective,
-                             seed=args.seed, num_learned=t + 1, train_seconds="", bytes=size,
-                             learned_acc="",
-                             seconds=round(clock(), 1))
-                    state["rows"].append(r)
-            state.update(model=model.state_dict(), learned=t + 1)
-        return step
-
-    return harness.run_tasks(args, device, setup, lambda s: write_outputs(args.out, s),
-                             lambda s: run_gn.summary(args, s["rows"], s["learned"]),
-                             keys=("log", "model"), outputs=("results.csv", "hopfield.csv"),
-                             start=dict(log=[]))["rows"]
+    state = harness.resume(args, device, dict(log=[], model=None),
+                           outputs=("results.csv", "hopfield.csv"))
+    if state["learned"]:
+        write_outputs(args.out, state)
+    if state["learned"] == args.tasks:
+        return harness.finished(state, gn.summary(LABEL, state["rows"], args.tasks), args.out)
+    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    model = bnnet(10, args.tasks, args.seed).to(device)
+    if state["learned"]:
+        model.load_state_dict(state["model"])
+        for m in neuron_masks(model):
+            m.num_learned = state["learned"]
+        print(f"resuming {args.out} after task {state['learned']}")
+    clock = harness.Clock(state)
+    while state["learned"] < args.tasks:
+        t, t0 = state["learned"], clock()
+        loss = train_task(model, *split_task(train_x, train_y, t), t, args)
+        harness.check_finite(loss, t, "--lr")
+        print(f"[hopfield] task {t + 1}/{args.tasks}  loss {loss:.3f}  "
+              f"{clock() - t0:.1f}s", flush=True)
+        if t + 1 == args.tasks:
+            size = sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()  # mask bits, psi
+                       for m in neuron_masks(model))
+            for r in evaluate(model, test_x, test_y, args, state["log"]):
+                r.update(scenario="GNu", dataset="splitmnist", model="bnnet", method="hopsupsup",
+                         infer="hopfield", objective="entropy", seed=args.seed,
+                         num_learned=t + 1, train_seconds="", bytes=size, learned_acc="",
+                         seconds=round(clock(), 1))
+                state["rows"].append(r)
+        state.update(model=model.state_dict(), learned=t + 1)
+        harness.checkpoint(args.out, state, clock, write_outputs)
+    return harness.finished(state, gn.summary(LABEL, state["rows"], args.tasks), args.out, True)
 
 
 def main(argv=None):

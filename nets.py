@@ -1,5 +1,5 @@
 """The paper's networks, built by a layer factory: SupSup's masked layers (SupermaskLayers), or
-the comparison methods' dense ones (baselines.DenseLayers). No biases anywhere.
+the comparison methods' dense ones (methods.base.DenseLayers). No biases anywhere.
 
 lenet  = 784-300-100-s   (PermutedMNIST, 2500 tasks, NNs; s = 100, or 500 for 2500 tasks)
 fc1024 = 784-1024-1024-s (PermutedMNIST s = 500, RotatedMNIST s = 200)
@@ -154,7 +154,8 @@ class ResNet50(nn.Module):
 
 
 def gemresnet18(output_size=5, num_tasks=1, seed=1, sparsity=None, in_channels=3, layers=None):
-    return GEMResNet18(output_size, layers or SupermaskLayers(num_tasks, seed, sparsity), in_channels)
+    return GEMResNet18(output_size, layers or SupermaskLayers(num_tasks, seed, sparsity),
+                       in_channels)
 
 
 def resnet50(output_size=10, num_tasks=1, seed=1, sparsity=None, in_channels=3, layers=None):

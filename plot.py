@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 DEFAULT_OUTPUTS = {"lenet": 100, "fc1024": 500}  # Fig. 3's output sizes
-# The paper's numbers where its text or tables give them (reference Sec. 9), by (figure, curve)
+# The paper's numbers where its text or tables give them, by (figure, curve)
 PAPER = {
     ("fig3_permuted_lenet", "SupSup (GNu, H)"): "94.91% (Table 7); ~93-95% (Fig. 3)",
     ("fig3_permuted_lenet", "SupSup (GNu, G)"): "~93-95% (Fig. 3)",
@@ -28,10 +28,7 @@ PAPER = {
     ("fig2_splitimagenet", "batche"): "81.50%, 124.99 MB",
     ("fig2_splitimagenet", "upper-bound"): "92.55%, 10222.81 MB",
     ("fig7_hopsupsup", "HopSupSup"): "exact mask in < 30 steps (Fig. 7)",
-    ("tag_splitcifar100", "tag"): "62.79% (TAG-RMSProp; TAG's split, network and data)",
-}
-# Methods that keep and retrain on earlier tasks' data: their table rows say "replay allowed"
-REPLAY = ("er", "agem", "modelzoo")
+}  # and a comparison method's own, from its run's args.json (method_facts)
 TITLES = {
     "fig2_splitcifar100": "Fig. 2 right: SplitCIFAR100 (GG), accuracy vs bytes",
     "fig2_splitimagenet": "Fig. 2 left: SplitImageNet (GG), accuracy vs bytes",
@@ -73,15 +70,21 @@ def curves_of(a):
     out = []
     if method != "supsup" or a["output_size"] == DEFAULT_OUTPUTS[model]:
         out.append((f"fig3_permuted_{model}", label))
-    if method in ("bp", "cbp") or (method == "supsup" and a["output_size"] ==  # (G trains
-                                   DEFAULT_OUTPUTS[model] and a["scenario"] == "GNu"  # as H)
-                                   and a["objective"] == "entropy"):
+    if facts(a).get("plasticity") or (method == "supsup" and a["output_size"] ==  # (G trains
+                                      DEFAULT_OUTPUTS[model] and a["scenario"] == "GNu"  # as H)
+                                      and a["objective"] == "entropy"):
         out.append((f"plasticity_permuted_{model}", label))
     if method in ("upper-bound", "lower-bound"):
         out.append((f"fig6_output_size_{model}", label))
     elif method == "supsup" and a["output_size"] in (25, 100, 200):
         out.append((f"fig6_output_size_{model}", f"s={a['output_size']}, {label[-2]}"))
     return out
+
+
+def facts(a):
+    """What a comparison method's run says of itself in its args.json (methods/base.py's
+    Method.facts): replays, plasticity, published; {} for SupSup's runs."""
+    return a.get("method_facts") or {}
 
 
 def warn(message):
@@ -133,7 +136,8 @@ def read_csv(path, types):
 
 
 NOT_A_CURVE = ("seed", "data", "device", "out", "workers", "given", "torch", "device_name",
-               "started")  # arguments (and args.json entries) that runs of one curve may differ in
+               "started", "method_facts")  # arguments (and args.json entries) that runs of one
+# curve may differ in
 
 
 def read_runs(root):
@@ -236,7 +240,7 @@ def draw_plasticity(figure, curves, plt, out):
     for (label, tasks), runs in sorted(curves.items()):
         for ax, series in ((left, [newest_acc(rows) for _, rows, _ in runs]),
                            (right, [dormant(folder) for _, _, folder in runs])):
-            if all(series):  # (runs from before results.csv and probe.csv had these)
+            if all(series):  # (a curve whose runs lack these columns or files is left out)
                 band(ax, series, f"{label}, {tasks} tasks")
     left.set(xlabel="task", ylabel="accuracy right after its training (newest task)")
     right.set(xlabel="number of tasks learned", ylabel="dormant units, next task's inputs")
@@ -321,12 +325,12 @@ def table(curves):
     lines = ["| figure | curve | runs | tasks | accuracy | ACC | BWT | forgetting | learning acc "
              "| bytes | paper |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (figure, label, _), runs in sorted(curves.items()):
-        groups = {}  # SupSup in GG: a line per sparsity
+        groups, published = {}, {}  # SupSup in GG: a line per sparsity
         for a, rows, _ in runs:
             s = f" s={a['sparsity']:g}" if "workers" in a and label.startswith("supsup") else ""
-            replays = a.get("method") in REPLAY and a.get("zoo_b") != 1  # (b=1: Isolated)
-            s += " (replay allowed)" if replays else ""
+            s += " (replay allowed)" if facts(a).get("replays") else ""
             groups.setdefault(label + s, []).append((last_point(rows), metrics(rows)))
+            published.setdefault(label + s, facts(a).get("published", {}).get(figure))
         for name, runs_of in groups.items():
             finals = [f for f, _ in runs_of]
             accs = [f[0] for f in finals]
@@ -336,7 +340,7 @@ def table(curves):
                 len(known) == len(runs_of) else [""] * 4
             lines.append(f"| {figure} | {name} | {len(finals)} | {finals[0][2]} | "
                          f"{np.mean(accs):.4f} +- {np.std(accs):.4f} | {' | '.join(cells)} | "
-                         f"{size} | {PAPER.get((figure, name), '')} |")
+                         f"{size} | {PAPER.get((figure, name)) or published[name] or ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -45,6 +45,22 @@ if [ "$QUICK" = 1 ]; then  # a few tasks and steps; synthetic CIFAR-100 and Imag
     HOP="--tasks 2 --steps 20"
 fi
 
+# The comparison methods, from their registry (methods/__init__.py, table()): a line each of
+# name, runs in run_gn.py, runs in run_gg.py, one of the paper's lines, in the plasticity
+# figure (1 or 0), and the PermutedMNIST tasks of its runs beside Fig. 3 left
+if ! METHOD_TABLE=$(python -c "import methods; print(methods.table())"); then
+    echo "run_all.sh: cannot read the methods' registry (python -c 'import methods' failed above)" >&2
+    exit 1
+fi
+methods_where() {  # an awk condition over the table's columns -> the names, space-separated
+    awk "$1 {printf \"%s \", \$1}" <<< "$METHOD_TABLE"
+}
+GG_METHODS=$(methods_where '$3')                    # Fig. 2, SplitCIFAR100
+GG_OTHERS=$(methods_where '$3 && !$4')              # TAG's one-epoch protocol, beside SupSup
+GN_BOTH_NETS=$(methods_where '$2 && ($4 || $5)')    # Fig. 3, LeNet and FC-1024
+GN_250=$(methods_where '$2 && !$4 && !$5 && $6 == 250')  # beside Fig. 3 left, 250 tasks
+GN_20=$(methods_where '$2 && !$4 && !$5 && $6 == 20')    # beside SupSup, 20 tasks
+
 emit() {  # NAME COMMAND...: one run, written as NAME<TAB>COMMAND --out OUT/NAME, each word
     local name=$1 cmd  # quoted for bash (a folder name may hold spaces)
     shift
@@ -62,15 +78,14 @@ runs() {
                     --method $m --sparsity $s --seed "$seed" $GG
             done
         done
-        for m in batche batche-randw separate-heads separate-heads-randw upper-bound \
-                lower-bound ewc er agem tag modelzoo wsn; do  # the paper's baselines, the peers
+        for m in $GG_METHODS; do  # the paper's comparison lines and the other methods
             emit "fig2-splitcifar100-$m-seed$seed" python run_gg.py --data "$CIFAR" --method $m \
                 --seed "$seed" $GG
         done
         emit "fig2-splitcifar100-modelzoo-b1-seed$seed" python run_gg.py --data "$CIFAR" \
             --method modelzoo --zoo-b 1 --seed "$seed" $GG  # Model Zoo's "Isolated"
         # TAG's protocol on SplitCIFAR100: one epoch per task at batch 10 (its paper's)
-        for m in supsup ewc er agem tag; do
+        for m in supsup $GG_OTHERS; do
             emit "tag-splitcifar100-$m-seed$seed" python run_gg.py --data "$CIFAR" --method $m \
                 --seed "$seed" $GG --epochs 1 --batch-size 10
         done
@@ -80,19 +95,19 @@ runs() {
                 emit "fig3-permuted-$model-supsup-$obj-seed$seed" python run_gn.py \
                     --data "$DATA" --model $model --objective $obj --seed "$seed" $GN
             done
-            for m in batche psp upper-bound lower-bound bp cbp; do  # (bp, cbp: plasticity)
+            for m in $GN_BOTH_NETS; do  # the paper's lines, and plasticity (bp, cbp)
                 emit "fig3-permuted-$model-$m-seed$seed" python run_gn.py --data "$DATA" \
                     --model $model --method $m --seed "$seed" $GN
             done
         done
         # Model Zoo (b = 5 and Isolated), WSN and SupSup on 20 PermutedMNIST tasks, LeNet
-        for m in supsup modelzoo wsn; do
-            emit "peers-permuted20-$m-seed$seed" python run_gn.py --data "$DATA" --method $m \
+        for m in supsup $GN_20; do
+            emit "permuted20-$m-seed$seed" python run_gn.py --data "$DATA" --method $m \
                 --seed "$seed" $GN20
         done
-        emit "peers-permuted20-modelzoo-b1-seed$seed" python run_gn.py --data "$DATA" \
+        emit "permuted20-modelzoo-b1-seed$seed" python run_gn.py --data "$DATA" \
             --method modelzoo --zoo-b 1 --seed "$seed" $GN20
-        for m in ewc er agem tag; do  # the peers beside Fig. 3 left
+        for m in $GN_250; do  # the other continual-learning methods beside Fig. 3 left
             emit "fig3-permuted-lenet-$m-seed$seed" python run_gn.py --data "$DATA" --method $m \
                 --seed "$seed" $GN
         done

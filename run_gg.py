@@ -11,11 +11,10 @@ per-layer density for the sparsity multiplier s (1..32), with its own non-affine
 statistics: Adam (lr 1e-3; weight decay 1e-4 on the scores, none on ImageNet), a cosine schedule
 over the epochs (after 5 warmup epochs on ImageNet). A task's accuracy is measured right after
 its training and again after the last task: with frozen masks and per-task statistics they are
-equal, bit for bit (zero forgetting). The comparison methods (baselines.py) train dense
+equal, bit for bit (zero forgetting). The comparison methods (methods/) train dense
 weights; `bytes` is what each method must keep to serve every task learned so far.
 docs/results.md has our numbers.
 """
-import argparse
 import math
 import os
 import re
@@ -23,15 +22,11 @@ import re
 import numpy as np
 import torch
 
-import baselines
 import gg_data
 import harness
+import methods
 import nets
-import peers
-import run_gn
 import supsup
-import wsn
-import zoo
 from gg_data import DATASETS, IMAGE_NETS
 from harness import non_negative_float, non_negative_int, positive_float, positive_int
 
@@ -42,9 +37,8 @@ PAPER = {  # the paper's settings (Sec. 4.1); SplitMNIST and PermutedMNIST are n
     "splitmnist": dict(model="lenet", tasks=5, epochs=5, batch_size=128, wd=1e-4, warmup=0),
     "permuted": dict(model="lenet", tasks=250, epochs=2, batch_size=128, wd=1e-4, warmup=0),
 }
-COMPARISONS = {**baselines.GG, **peers.GG, **zoo.GG, **wsn.GG}
-METHODS = ("supsup", "supsup-transfer", *COMPARISONS)
-INDEPENDENT = ("supsup", "batche-randw", "separate-heads-randw")  # task i needs no other task
+COMPARISON_METHODS = methods.for_harness("gg")  # {name: class}
+METHODS = ("supsup", "supsup-transfer", *COMPARISON_METHODS)
 COLUMNS = ("scenario,dataset,model,method,sparsity,density,seed,num_learned,task,acc,"
            "bytes,paper_bytes,train_seconds,seconds").split(",")
 
@@ -59,13 +53,8 @@ def get_parser():
                         "permuted: lenet]")
     p.add_argument("--method", choices=METHODS, default="supsup",
                    help="supsup; supsup-transfer: a task's scores start from the mean of the "
-                        "earlier tasks' scores; or a comparison method (baselines.py): "
-                        "batche(-randw): rank-one per-task factors on a trunk trained on task 0 "
-                        "(on random W); separate-heads(-randw): a dense head per task, same "
-                        "trunks; upper-bound: one dense network trained through the tasks, each "
-                        "read right after its training; lower-bound: the same with a head per "
-                        "task, read at the end; ewc, er, agem, tag (peers.py); modelzoo (zoo.py); "
-                        "wsn (wsn.py)")
+                        "earlier tasks' scores; or a comparison method (methods/): "
+                        + methods.describe("gg"))
     p.add_argument("--sparsity", type=positive_float, default=8,
                    help="SupSup's s of the per-layer density min(0.5, s (c_out + c_in) / (c_out "
                         "c_in k_h k_w)); larger is denser; the paper uses 1, 2, 4, 8, 16, 32")
@@ -98,12 +87,7 @@ def get_parser():
                         "(stacked scores, grouped convs; each task keeps its seeds, batches, "
                         "Adam state and BatchNorm statistics); tasks must have equal sizes")
     harness.add_precision_arg(p, "fp32")  # (bf16's fidelity on GG not measured: no CIFAR here)
-    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
-                   default=argparse.SUPPRESS, help="the same as --precision bf16")
-    p.add_argument("--channels-last", action="store_true",
-                   help="channels-last memory format for the conv nets (for CUDA)")
-    for module in (peers, zoo, wsn):  # the comparison methods' own flags
-        module.add_args(p)
+    methods.add_flags(p, "gg")
     p.add_argument("--task", type=int, default=None,
                    help="learn and score only task i (0-based), in OUT/taski/, to spread the "
                         "tasks over GPUs or machines; when the last is done, OUT/results.csv "
@@ -118,11 +102,9 @@ def resolve(args, parser):
             setattr(args, k, v)
     most = PAPER[args.dataset]["tasks"]
     args.tasks = args.tasks or most
-    if args.lr is None:
-        args.lr = COMPARISONS[args.method][1]["lr"] if args.method in COMPARISONS else 1e-3
-    for k, v in COMPARISONS.get(args.method, (None, {}))[1].items():  # its own flags' defaults
-        if getattr(args, k, "") is None:
-            setattr(args, k, v)
+    if args.method in COMPARISON_METHODS:
+        methods.fill_defaults(args, "gg")  # its lr and own flags, where not given
+    args.lr = args.lr or 1e-3
     if args.tasks > most:
         parser.error(f"--tasks {args.tasks}: {args.dataset} has {most} tasks")
     if args.accum_steps > args.batch_size:
@@ -134,9 +116,11 @@ def resolve(args, parser):
                               or args.dataset == "splitimagenet" or args.model == "resnet50"):
         parser.error("--parallel needs --method supsup, no --task, and a data set in memory "
                      "with a model other than resnet50")
-    if args.method == "modelzoo" and args.dataset == "splitimagenet":
-        parser.error("--method modelzoo replays every task's data, which SplitImageNet's "
-                     "image folders cannot serve: use --dataset splitcifar100 or splitmnist")
+    if args.dataset == "splitimagenet" and getattr(COMPARISON_METHODS.get(args.method),
+                                                   "reads_earlier_tasks", False):
+        parser.error(f"--method {args.method} trains on earlier tasks' data again, which "
+                     "SplitImageNet's image folders cannot serve: use --dataset splitcifar100 "
+                     "or splitmnist")
     if args.model not in IMAGE_NETS and DATASETS[args.dataset]["channels"] != 1:
         parser.error(f"--model {args.model} takes 28x28 MNIST images; {args.dataset} needs "
                      f"--model {' or '.join(IMAGE_NETS)}")
@@ -154,7 +138,7 @@ def network(args, layers):
 
 
 class SupSup:
-    """SupSup in GG, behind the comparison methods' interface (baselines.py): a top-k mask per
+    """SupSup in GG, behind the comparison methods' interface (methods/base.py): a top-k mask per
     task at the ER density of --sparsity over fixed signed-constant weights, per-task
     BatchNorm. With transfer, a task's scores start from the mean of the earlier tasks' scores
     (a running sum of them is kept). start(t, n) learns tasks t..t+n-1 at once (--parallel)."""
@@ -215,13 +199,12 @@ class SupSup:
 
 
 def learner(args, tasks):
-    """The run's method: SupSup, SupSup Transfer, or a comparison method (COMPARISONS)."""
-    def adam(params, lr):
-        return torch.optim.Adam(params, lr=lr, weight_decay=args.wd)
-    if args.method in COMPARISONS:
-        cls, settings = COMPARISONS[args.method]
-        return cls(lambda layers: network(args, layers), args, settings.get("optimizer", adam),
-                   True, lambda t, epoch: formatted(tasks.train_batches(t, epoch), args))
+    """The run's method: SupSup, SupSup Transfer, or a comparison method (COMPARISON_METHODS)."""
+    adam = methods.base.adam(args.wd)
+    if args.method in COMPARISON_METHODS:
+        cls = COMPARISON_METHODS[args.method]
+        return cls(lambda layers: network(args, layers), args, cls.gg["optimizer"] or adam,
+                   True, tasks.train_batches)
     return SupSup(args, adam)
 
 
@@ -276,14 +259,6 @@ def precision(args, device):
     return supsup.autocast(device, harness.precision_dtype(args, device))
 
 
-def formatted(batches, args):
-    """Image batches in channels-last memory format with --channels-last."""
-    for x, y in batches:
-        if args.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        yield x, y
-
-
 def train_task(method, tasks, t, args, n=1):
     """Learn task t (SupSup: tasks t..t+n-1 at once) with the method's optimizer and the
     per-epoch schedule."""
@@ -293,9 +268,9 @@ def train_task(method, tasks, t, args, n=1):
     for epoch in range(args.epochs):
         batches = tasks.train_batches(t, epoch) if n == 1 else tasks.parallel_batches(t, n, epoch)
         with precision(args, tasks.device):
-            loss = method.train(formatted(batches, args), args.accum_steps)
+            loss = method.train(batches, args.accum_steps)
         schedule.step()
-    method.finish(t, formatted(tasks.train_batches(t, 0), args))
+    method.finish(t, tasks.train_batches(t, 0))
     return loss
 
 
@@ -303,7 +278,7 @@ def train_task(method, tasks, t, args, n=1):
 def accuracy(model, tasks, t, args):
     supsup.set_task(model, t)
     correct = total = 0
-    for x, y in formatted(tasks.test_batches(t), args):
+    for x, y in tasks.test_batches(t):
         with precision(args, tasks.device):
             correct += (model(x).argmax(-1) == y).sum().item()
         total += len(y)
@@ -334,8 +309,6 @@ def setup(args, device):
         args, device)
     method = learner(args, tasks)
     method.model.to(device)
-    if args.channels_last:
-        method.model.to(memory_format=torch.channels_last)
     layers = supsup.masked_layers(method.model)
     density = sum(m.density * m.weight.numel() for m in layers) / sum(
         m.weight.numel() for m in layers) if layers else 1.0
@@ -343,45 +316,45 @@ def setup(args, device):
 
 
 def write_outputs(out, state):
-    """results.csv and diagnostics.csv, derived from the checkpoint's state (run_gn's)."""
-    run_gn.write_outputs(out, state, COLUMNS)
+    harness.write_outputs(out, state, COLUMNS)
 
 
 def run(args):
     device = harness.get_device(args.device)
     if args.task is not None:
         return run_task(args, device)
-
-    def setup_run(state):
-        tasks, method, density = setup(args, device)
-        if state["learned"]:
-            for m in supsup.masked_layers(method.model):
-                m.num_learned = state["learned"]
-            method.load(state["method"])
-
-        def step(state, clock):
-            t0, began = state["learned"], clock()
-            n = min(args.parallel, args.tasks - t0)
-            loss = train_task(method, tasks, t0, args, n)
-            harness.check_finite(loss, t0, "--lr")
-            state["train_seconds"] += [round((clock() - began) / n, 2)] * n
-            for t in range(t0, t0 + n):
-                state["sizes"].append(task_size(method, t, state["sizes"]))
-                state["accs"][t] = accuracy(method.model, tasks, t, args)
-                scored = state["accs"]  # read right after: every task as right after its training
-                if t + 1 == args.tasks and not method.read_right_after:
-                    scored = {i: accuracy(method.model, tasks, i, args) for i in range(args.tasks)}
-                state["rows"] += rows_at(args, t, scored, state["sizes"], state["train_seconds"],
-                                         density, round(clock(), 1))
-                print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
-                      f"{state['accs'][t]:.4f}  {state['train_seconds'][t]:.1f}s", flush=True)
-            state.update(method=method.state(), learned=t0 + n)
-        return step
-
-    return harness.run_tasks(args, device, setup_run, lambda s: write_outputs(args.out, s),
-                             lambda s: summary(s["rows"], s["learned"]),
-                             keys=("accs", "sizes", "train_seconds", "method"),
-                             start=dict(accs={}, sizes=[], train_seconds=[]))["rows"]
+    state = harness.resume(args, device, dict(accs={}, sizes=[], train_seconds=[], method=None),
+                           facts=facts(args))
+    if state["learned"]:
+        write_outputs(args.out, state)
+    if state["learned"] == args.tasks:
+        return harness.finished(state, summary(state["rows"], args.tasks), args.out)
+    tasks, method, density = setup(args, device)
+    if state["learned"]:
+        for m in supsup.masked_layers(method.model):
+            m.num_learned = state["learned"]
+        method.load(state["method"])
+        print(f"resuming {args.out} after task {state['learned']}")
+    clock = harness.Clock(state)
+    while state["learned"] < args.tasks:
+        t0, began = state["learned"], clock()
+        n = min(args.parallel, args.tasks - t0)
+        loss = train_task(method, tasks, t0, args, n)
+        harness.check_finite(loss, t0, "--lr")
+        state["train_seconds"] += [round((clock() - began) / n, 2)] * n
+        for t in range(t0, t0 + n):
+            state["sizes"].append(task_size(method, t, state["sizes"]))
+            state["accs"][t] = accuracy(method.model, tasks, t, args)
+            scored = state["accs"]  # read right after: every task as right after its training
+            if t + 1 == args.tasks and not method.read_right_after:
+                scored = {i: accuracy(method.model, tasks, i, args) for i in range(args.tasks)}
+            state["rows"] += rows_at(args, t, scored, state["sizes"], state["train_seconds"],
+                                     density, round(clock(), 1))
+            print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
+                  f"{state['accs'][t]:.4f}  {state['train_seconds'][t]:.1f}s", flush=True)
+        state.update(method=method.state(), learned=t0 + n)
+        harness.checkpoint(args.out, state, clock, write_outputs)
+    return harness.finished(state, summary(state["rows"], args.tasks), args.out, True)
 
 
 def task_state(model, t):
@@ -392,13 +365,20 @@ def task_state(model, t):
             for k, v in model.state_dict().items() if k.endswith("bank") or own.search(k)}
 
 
+def facts(args):
+    """What plot.py reads of a comparison method's run (Method.facts); None for SupSup."""
+    cls = COMPARISON_METHODS.get(args.method)
+    return cls.facts(args) if cls is not None else None
+
+
 def run_task(args, device):
     """--task i: learn and score task i alone in OUT/task{i}/ (a run of one step, with a small
     checkpoint and the task's own model.pt), then merge. Methods whose tasks share nothing
     learned come out exactly as in a full run."""
-    if args.method not in INDEPENDENT:
+    independent = ["supsup"] + [n for n, c in COMPARISON_METHODS.items() if c.independent_tasks]
+    if args.method not in independent:
         raise harness.UserError(f"--task needs a method whose tasks are independent ("
-                                f"{', '.join(INDEPENDENT)}); {args.method} builds on earlier "
+                                f"{', '.join(independent)}); {args.method} builds on earlier "
                                 "tasks: run all tasks in one run")
     if os.path.exists(os.path.join(args.out, "ckpt.pt")):
         raise harness.UserError(f"{args.out} holds a run of all tasks; pass another --out for "
@@ -406,26 +386,31 @@ def run_task(args, device):
     done = finished_tasks(args)  # (refuses tasks run with other flags before training one)
     sub = os.path.join(args.out, f"task{args.task}")
     if args.task not in done:
-        def setup_task(state):
-            tasks, method, density = setup(args, device)
-            for m in supsup.masked_layers(method.model):
-                m.num_learned = args.task  # task i's slot, seeds and statistics
-
-            def step(state, clock):
-                loss = train_task(method, tasks, args.task, args, 1)
-                harness.check_finite(loss, args.task, "--lr")
-                state.update(learned=1, train_seconds=round(clock(), 2), density=density,
-                             acc=accuracy(method.model, tasks, args.task, args),
-                             size=task_size(method, args.task, []))
-                harness.save_tensors(os.path.join(sub, "model.pt"),
-                                     task_state(method.model, args.task))
-            return step
-
-        done[args.task] = harness.run_tasks(
-            args, device, setup_task, lambda s: None,
-            lambda s: f"[GG {args.method}] task {args.task + 1}/{args.tasks} alone  acc "
-                      f"{s['acc']:.4f}", keys=TASK_KEYS, outputs=(), total=1, out=sub)
+        done[args.task] = learn_alone(args, device, sub)
     return merge_tasks(args, done)
+
+
+def learn_alone(args, device, sub):
+    """Task --task in the folder sub: a run of one task whose checkpoint holds its accuracy,
+    seconds, size and density, with the task's own model.pt beside it; -> that state."""
+    state = harness.resume(args, device, dict(acc=None, train_seconds=None, size=None,
+                                              density=None), outputs=(), out=sub,
+                           facts=facts(args))
+    if not state["learned"]:
+        tasks, method, density = setup(args, device)
+        for m in supsup.masked_layers(method.model):
+            m.num_learned = args.task  # task i's slot, seeds and statistics
+        clock = harness.Clock(state)
+        loss = train_task(method, tasks, args.task, args, 1)
+        harness.check_finite(loss, args.task, "--lr")
+        state.update(learned=1, train_seconds=round(clock(), 2), density=density,
+                     acc=accuracy(method.model, tasks, args.task, args),
+                     size=task_size(method, args.task, []))
+        harness.save_tensors(os.path.join(sub, "model.pt"), task_state(method.model, args.task))
+        harness.checkpoint(sub, state, clock, lambda out, state: None)
+    print(f"[GG {args.method}] task {args.task + 1}/{args.tasks} alone  acc {state['acc']:.4f}"
+          f"  ({sub})")
+    return state
 
 
 TASK_KEYS = ("acc", "train_seconds", "size", "density")  # a --task run's checkpoint

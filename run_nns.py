@@ -16,21 +16,22 @@ import os
 import torch
 
 import data
+import fast
+import gn
 import harness
 import nets
-import run_gn
 import supsup
 from harness import positive_float, positive_int
 from nets import NETS
 
-COLUMNS = run_gn.COLUMNS + ["masks"]
+COLUMNS = gn.COLUMNS + ["masks"]
 
 
 def get_parser():
     p = harness.Parser(description="SupSup NNs: PermutedMNIST with no task identity.")
     p.add_argument("--tasks", type=positive_int, default=2500,
                    help="permutations in the stream (the model is never told)")
-    p.add_argument("--model", choices=sorted(run_gn.OUTPUT_SIZE), default="lenet",
+    p.add_argument("--model", choices=sorted(gn.OUTPUT_SIZE), default="lenet",
                    help="network")
     p.add_argument("--output-size", type=positive_int, default=500,
                    help="outputs, 10 labelled + the rest superfluous")
@@ -62,10 +63,6 @@ def resolve(args, parser):
     if args.steps % args.check_every:
         parser.error(f"--steps {args.steps} is not a multiple of --check-every "
                      f"{args.check_every}")
-    # what run_gn.evaluate reads: shared labels, one image of each test batch decides
-    args.scenario, args.dataset, args.infer, args.objective = "NNs", "permuted", "oneshot", \
-        "entropy"
-    args.infer_examples = 1
     args.eval_at = sorted({k for k in args.eval_at if k < args.tasks} | {args.tasks})
     args.out = args.out or os.path.join("runs", "nns-{}{}-T{}-seed{}".format(
         args.model, args.output_size, args.tasks, args.seed))
@@ -99,7 +96,7 @@ class Masks:
         for m, s in zip(self.layers, self.scores[i]):
             m.scores = s
         supsup.set_task(self.model, len(self.layers[0].bank))  # past the bank: the scores
-        loss = supsup.train_steps(self.model, batches, opt, dtype=dtype)
+        loss = fast.train_steps(self.model, batches, opt, dtype)
         self.store(i)
         return loss
 
@@ -108,7 +105,7 @@ class Masks:
             m.num_learned = n
 
 
-def choose(masks, x, allocated, args, dtype=torch.float32):
+def choose(masks, inference, x, allocated, args):
     """The mask the training batch x [B, 784] goes to, and whether it is new (paper Sec. 3.4):
     nu = softmax(-dH/dalpha) over n = max(allocated, floor) masks at alphas 1/n; a new mask
     when n max(nu) < 1 + epsilon. Picking a mask not yet allocated (an untrained candidate)
@@ -117,9 +114,9 @@ def choose(masks, x, allocated, args, dtype=torch.float32):
         return 0, True
     n = max(allocated, args.floor)
     masks.ensure(n)
-    g = supsup.alpha_grads(masks.model, x[None], torch.full((1, len(x)), 1 / len(x),
-                                                            device=x.device),
-                           torch.full((n,), 1 / n, device=x.device), supsup.entropy, dtype)[0]
+    g = inference.alpha_grads(masks.model, x[None], torch.full((1, len(x)), 1 / len(x),
+                                                               device=x.device),
+                              torch.full((n,), 1 / n, device=x.device), supsup.entropy)[0]
     nu = torch.softmax(-g, 0)
     best = int(nu.argmax())
     if n * nu[best] < 1 + args.epsilon or best >= allocated:
@@ -129,33 +126,31 @@ def choose(masks, x, allocated, args, dtype=torch.float32):
 
 def run(args):
     device = harness.get_device(args.device)
-    unpacked = harness.precision_dtype(args, device).itemsize  # bytes a weight, for inference
+    dtype = harness.precision_dtype(args, device)
     slots = max(args.budget, args.floor)  # the masks allocated and the untrained candidates
     weights, _ = nets.mlp_weights(args.model, args.output_size)
-    harness.ensure_fits(slots * weights * (1 / 8 + 4 + unpacked), device,
+    harness.ensure_fits(slots * weights * (1 / 8 + 4 + dtype.itemsize), device,
                         f"the masks and scores of --budget {args.budget} on {args.model} with "
                         f"--output-size {args.output_size}")
-    return harness.run_tasks(
-        args, device, lambda state: setup(args, device, slots, state),
-        lambda state: write_outputs(args.out, state), lambda state: summary(state, args),
-        keys=("allocated", "allocations", "trained", "drawn", "files"),
-        outputs=("results.csv", "allocations.csv"),
-        start=dict(allocated=0, allocations=[], trained={}, drawn=0, files={}))["rows"]
-
-
-def setup(args, device, slots, state):
-    """The data, the model and every mask's scores (read back from their files); -> the step
-    that runs the next task of the stream."""
+    state = harness.resume(args, device, dict(allocated=0, allocations=[], trained={},
+                                              drawn=0, files={}),
+                           outputs=("results.csv", "allocations.csv"))
+    if state["learned"]:
+        write_outputs(args.out, state)
+    if state["learned"] == args.tasks:
+        return harness.finished(state, summary(state), args.out)
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-    dtype = harness.precision_dtype(args, device)
-    train_x = train_x.to(dtype)  # half the bytes to gather in bf16
+    train_x = train_x.to(dtype)  # (bf16: half the bytes to gather)
+    tests = gn.TestSets(test_x, test_y, data.permutation, args.seed, args.test_batch_size)
     model = NETS[args.model](args.output_size, slots, args.seed).to(device)
-    masks = Masks(model, args.seed)
+    masks, inference = Masks(model, args.seed), fast.Inference(model, dtype)
     masks.ensure(state["drawn"])
     for i, (name, digest) in state["files"].items():  # files: mask -> its file, as last trained
         load_mask(masks, i, os.path.join(args.out, "masks", name), digest, args.out)
-
-    def step(state, clock):
+    if state["learned"]:
+        print(f"resuming {args.out} after task {state['learned']}")
+    clock = harness.Clock(state)
+    while state["learned"] < args.tasks:
         task = state["learned"]
         pix = data.permutation(args.seed, task).to(device)
         order = data.train_batches(len(train_x), args.batch_size, args.steps, args.seed, task,
@@ -164,7 +159,7 @@ def setup(args, device, slots, state):
         for w in range(0, args.steps, args.check_every):
             batches = [(train_x.index_select(0, b).index_select(1, pix), train_y[b])
                        for b in order[w:w + args.check_every]]
-            i, new = choose(masks, batches[0][0].float(), state["allocated"], args, dtype)
+            i, new = choose(masks, inference, batches[0][0].float(), state["allocated"], args)
             if new:
                 if state["allocated"] == args.budget:
                     continue  # the budget is spent: this window trains nothing
@@ -172,7 +167,7 @@ def setup(args, device, slots, state):
                 masks.ensure(state["allocated"])
                 state["allocations"].append(dict(mask=i, step=task * args.steps + w,
                                                  true_task=task))
-            opt = opts.setdefault(i, supsup.RMSprop(masks.scores[i], lr=args.lr))
+            opt = opts.setdefault(i, fast.RMSprop(masks.scores[i], lr=args.lr))
             losses.append(masks.train(i, batches, opt, dtype))
             key = (i, task)
             state["trained"][key] = state["trained"].get(key, 0) + len(batches)
@@ -187,19 +182,20 @@ def setup(args, device, slots, state):
             trained_most = [max(range(state["allocated"]),  # the mask of each task
                                 key=lambda i: state["trained"].get((i, t), 0))
                             for t in range(task + 1)]
-            rows = run_gn.evaluate(model, test_x, test_y, args, device, trained_most)
+            rows = tests.evaluate(model, inference, trained_most, 1, supsup.entropy, False,
+                                  False, None)  # one image decides; scored as GNs
             for r in rows:
                 r.update(scenario="NNs", dataset="permuted", model=args.model, method="supsup",
                          infer="oneshot", objective="entropy", seed=args.seed,
                          num_learned=task + 1, masks=state["allocated"], train_seconds="",
-                         learned_acc="",
-                         bytes=run_gn.mask_bytes(model, state["allocated"]),
+                         learned_acc="", bytes=gn.mask_bytes(model, state["allocated"]),
                          seconds=round(clock(), 1))
             state["rows"] += rows
-            print(summary(state, args) + f"  eval {clock() - began:.1f}s", flush=True)
+            print(summary(state) + f"  eval {clock() - began:.1f}s", flush=True)
         state["drawn"] = len(masks.scores)
         save_masks(masks, state, task, args.out)
-    return step
+        harness.checkpoint(args.out, state, clock, write_outputs)
+    return harness.finished(state, summary(state), args.out, True)
 
 
 def write_outputs(out, state):
@@ -239,7 +235,7 @@ def save_masks(masks, state, task, out):
                                                         masks.scores[i]))
 
 
-def summary(state, args):
+def summary(state):
     k = state["learned"]
     at = [r for r in state["rows"] if r["num_learned"] == k]
     mean = {c: sum(r[c] for r in at) / max(len(at), 1) for c in ("acc", "task_acc", "given_acc")}

@@ -6,7 +6,7 @@ property the paper relies on.
 Real-MNIST checks use the idx files in $MNIST_DIR (default ../shared/data/mnist) and are
 skipped, with the reason, when they are not there. Everything else writes small files itself.
 """
-import argparse
+import functools
 import math
 import os
 
@@ -18,6 +18,8 @@ from PIL import Image
 from torchvision import datasets
 
 import data
+import fast
+import gn
 import harness
 import nets
 import run_gg
@@ -99,47 +101,6 @@ def test_one_hot_superposition_equals_single_mask():
             assert torch.equal(layer(x), single)
 
 
-@pytest.mark.parametrize("model, batch, task_dim", [(nets.lenet, 128, False),
-                                                    (nets.lenet, 37, True),
-                                                    (nets.fc1024, 100, False)])
-def test_written_out_mlp_step_equals_autograd_bit_for_bit(model, batch, task_dim, monkeypatch):
-    gen = torch.Generator().manual_seed(0)
-    xs, ys = torch.randn(12, batch, 784, generator=gen), torch.randint(0, 10, (12, batch),
-                                                                        generator=gen)
-    batches = list(zip(xs[:, None], ys[:, None]) if task_dim else zip(xs, ys))  # [1, B, ...]
-
-    def train(fast):
-        net = model(500, 2, seed=1)
-        opt = torch.optim.RMSprop(supsup.start_task(net, 1), lr=1e-2)
-        assert supsup.threshold_mlp_layers(net) == supsup.masked_layers(net)
-        if not fast:
-            monkeypatch.setattr(supsup, "threshold_mlp_layers", lambda net: None)  # autograd
-        loss = supsup.train_steps(net, batches, opt)
-        monkeypatch.undo()
-        return loss, [m.scores.detach() for m in supsup.masked_layers(net)]
-
-    (loss, scores), (fast_loss, fast_scores) = train(False), train(True)
-    assert loss == fast_loss and all(map(torch.equal, scores, fast_scores))
-
-
-def test_threshold_mlp_layers_only_for_training_one_threshold_task():
-    for other in (nets.lenet(100, 2, sparsity=4), nets.gemresnet18(5, 2)):  # top-k; not an MLP
-        supsup.start_task(other, 0)
-        assert supsup.threshold_mlp_layers(other) is None
-    net = nets.lenet(100, 3)
-    assert supsup.threshold_mlp_layers(net) is None  # no scores yet
-    learned_model(net, 1)
-    supsup.start_task(net, 0, 2)  # two tasks at once: stacked scores
-    assert supsup.threshold_mlp_layers(net) is None
-    supsup.start_task(net, 0)
-    assert supsup.threshold_mlp_layers(net) == supsup.masked_layers(net)
-    supsup.set_task(net, 0)  # a finished task
-    assert supsup.threshold_mlp_layers(net) is None
-    supsup.set_task(net, 1)
-    supsup.set_alphas(net, torch.tensor([1.0]))  # superposed
-    assert supsup.threshold_mlp_layers(net) is None
-
-
 def test_training_changes_neither_weights_nor_earlier_masks():
     net = learned_model(nets.lenet(100, 3), 1)
     before = [(m.weight.clone(), m.bank[0].clone()) for m in supsup.masked_layers(net)]
@@ -159,11 +120,11 @@ def test_parallel_training_matches_sequential():
     y = torch.randint(0, 10, (2500,), generator=gen)
     x = protos[y] + torch.randn(2500, 64, generator=gen) * 1.5
     perms = torch.stack([torch.randperm(64, generator=gen) for _ in range(3)])
-    args = argparse.Namespace(steps=100, batch_size=64, seed=0, lr=1e-2)
+    settings = dict(seed=0, lr=1e-2, batch_size=64, steps=100)
     seq, par = nets.mlp([64, 128], 40, 3, seed=0), nets.mlp([64, 128], 40, 3, seed=0)
     for t in range(3):
-        run_gn.train_tasks(seq, x[:500], y[:500], perms[t:t + 1], args)
-    run_gn.train_tasks(par, x[:500], y[:500], perms, args)  # 3 tasks at once
+        gn.train_tasks(seq, x[:500], y[:500], perms[t:t + 1], **settings)
+    gn.train_tasks(par, x[:500], y[:500], perms, **settings)  # 3 tasks at once
     for t in range(3):
         acc = []
         for net in (seq, par):
@@ -172,30 +133,6 @@ def test_parallel_training_matches_sequential():
         assert acc[0] > 0.6 and abs(acc[0] - acc[1]) <= 0.002  # within 0.2 points per task
     for a, b in zip(supsup.masked_layers(seq), supsup.masked_layers(par)):
         assert (a.stored_masks(0, 3) == b.stored_masks(0, 3)).float().mean() > 0.999
-
-
-@pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("chunk", [supsup.CHUNK, 2 * 784 * 300])  # 2 masks unpacked at a time
-def test_alpha_grads_equal_autograd_through_superposition(shared, chunk, monkeypatch):
-    monkeypatch.setattr(supsup, "CHUNK", chunk)
-    g = torch.Generator().manual_seed(0)
-    conv_net = torch.nn.Sequential(supsup.MaskedConv2d(2, 4, 3, 5, g), torch.nn.ReLU(),
-                                   torch.nn.Flatten(-3), supsup.MaskedLinear(64, 12, 5, g))
-    for net, x in ((nets.lenet(20, 5), torch.randn(3, 4, 784)),
-                   (conv_net, torch.randn(3, 4, 2, 6, 6))):
-        learned_model(net, 5)
-        w = torch.rand(3, 4)
-        alphas = torch.full((5,), 0.2) if shared else torch.rand(3, 5)
-        for objective in supsup.OBJECTIVES.values():
-            fast = supsup.alpha_grads(net, x, w, alphas, objective)
-            refs = supsup.alpha_grads_autograd(net, x, w, alphas, objective)
-            for b, ref in enumerate(refs):
-                assert (fast[b] - ref).norm() <= 1e-5 * ref.norm()  # relative 1e-5
-                assert fast[b].argmin() == ref.argmin()  # the same task picked
-            a = (alphas if shared else alphas[1]).clone().requires_grad_()  # the oracle itself
-            supsup.set_alphas(net, a)
-            ref, = torch.autograd.grad((objective(net(x[1])) * w[1]).sum(), a)
-            assert torch.equal(refs[1], ref)
 
 
 def test_g_objective_gradient_only_through_superfluous_outputs():
@@ -209,14 +146,23 @@ def test_g_objective_gradient_only_through_superfluous_outputs():
 def train_tasks(net, inputs, labels, steps, lr, seed=0, batch=64, dtype=torch.float32):
     """Train one mask per task on (inputs[t], labels) with RMSprop, as run_gn.py does."""
     for t, x in enumerate(inputs):
-        opt = supsup.RMSprop(supsup.start_task(net, seed), lr=lr)
+        opt = fast.RMSprop(supsup.start_task(net, seed), lr=lr)
         idx = data.train_batches(len(x), batch, steps, seed, t, "cpu")
-        supsup.train_steps(net, ((x[i], labels[i]) for i in idx), opt, dtype=dtype)
+        fast.train_steps(net, ((x[i], labels[i]) for i in idx), opt, dtype)
         supsup.finish_task(net)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # trained, inferred
-def test_oneshot_and_binary_pick_the_right_task_constructed(dtype):
+def inference(kind, net):
+    """supsup.infer_tasks through the plain alpha gradients, or fast.py's in a precision."""
+    if kind == "plain":
+        return functools.partial(supsup.infer_tasks, net)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[kind]
+    return fast.Inference(net, dtype).infer_tasks
+
+
+@pytest.mark.parametrize("kind", ["plain", "fp32", "bf16"])  # inferred (bf16: trained too)
+def test_oneshot_and_binary_pick_the_right_task_constructed(kind):
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     # 10 gaussian classes in 64-d; each task sees them through its own feature permutation
     gen = torch.Generator().manual_seed(0)
     protos, k = torch.randn(10, 64, generator=gen) * 2, 5
@@ -226,28 +172,29 @@ def test_oneshot_and_binary_pick_the_right_task_constructed(dtype):
     net = nets.mlp([64, 128], 40, k, seed=0)
     train_tasks(net, [x[:500][:, p] for p in perms], y[:500], steps=150, lr=1e-2, dtype=dtype)
     test = torch.stack([x[500:][:, p] for p in perms])  # [k, 100, 64]
-    one, _ = supsup.infer_tasks(net, test.flatten(0, 1)[:, None], torch.ones(500, 1),
-                                supsup.entropy, dtype=dtype)  # one image per decision
+    infer_tasks = inference(kind, net)
+    one, _ = infer_tasks(test.flatten(0, 1)[:, None], torch.ones(500, 1),
+                         supsup.entropy)  # one image per decision
     assert (one == torch.arange(k).repeat_interleave(100)).float().mean() > 0.9
     truth = torch.arange(k).repeat_interleave(10)
     for objective in supsup.OBJECTIVES.values():  # ten images per decision
-        inferred, rounds = supsup.infer_tasks(net, test.view(k * 10, 10, 64),
-                                              torch.full((k * 10, 10), 0.1), objective,
-                                              dtype=dtype)
+        inferred, rounds = infer_tasks(test.view(k * 10, 10, 64), torch.full((k * 10, 10), 0.1),
+                                       objective)
         assert rounds == 1 and (inferred == truth).float().mean() >= 0.96
-        inferred, rounds = supsup.infer_tasks(net, test.view(k * 10, 10, 64),
-                                              torch.full((k * 10, 10), 0.1), objective, True,
-                                              dtype)
+        inferred, rounds = infer_tasks(test.view(k * 10, 10, 64), torch.full((k * 10, 10), 0.1),
+                                       objective, True)
         assert rounds == math.ceil(math.log2(k)) and torch.equal(inferred, truth)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 9, 36])
-def test_binary_uses_ceil_log2_rounds_and_only_learned_tasks(k):
+@pytest.mark.parametrize("kind", ["plain", "fp32"])
+def test_binary_uses_ceil_log2_rounds_and_only_learned_tasks(k, kind):
     net = learned_model(nets.mlp([16, 8], 12, k + 3, seed=0), k)  # 3 unlearned slots
-    inferred, rounds = supsup.infer_tasks(net, torch.randn(20, 2, 16), torch.full((20, 2), 0.5),
-                                          supsup.entropy, binary=True)
+    infer_tasks = inference(kind, net)
+    inferred, rounds = infer_tasks(torch.randn(20, 2, 16), torch.full((20, 2), 0.5),
+                                   supsup.entropy, True)
     assert rounds == math.ceil(math.log2(k)) and inferred.max() < k
-    one, _ = supsup.infer_tasks(net, torch.randn(20, 1, 16), torch.ones(20, 1), supsup.entropy)
+    one, _ = infer_tasks(torch.randn(20, 1, 16), torch.ones(20, 1), supsup.entropy)
     assert one.max() < k
 
 
@@ -258,12 +205,12 @@ def test_oneshot_and_binary_on_real_mnist():
     pix = [data.permutation(1, t) for t in range(k)]
     train_tasks(net, [tx[:, p] for p in pix], ty, steps=150, lr=1e-3, batch=128)
     test = torch.stack([vx[:64][:, p] for p in pix])
+    infer_tasks = fast.Inference(net).infer_tasks
     for objective in supsup.OBJECTIVES.values():  # one image per decision, as the paper
-        inferred, _ = supsup.infer_tasks(net, test.flatten(0, 1)[:, None], torch.ones(k * 64, 1),
-                                         objective)
+        inferred, _ = infer_tasks(test.flatten(0, 1)[:, None], torch.ones(k * 64, 1), objective)
         assert (inferred == torch.arange(k).repeat_interleave(64)).float().mean() >= 0.97
-    inferred, rounds = supsup.infer_tasks(net, test.view(k * 4, 16, 784),
-                                          torch.full((16, 16), 1 / 16), supsup.entropy, True)
+    inferred, rounds = infer_tasks(test.view(k * 4, 16, 784), torch.full((16, 16), 1 / 16),
+                                   supsup.entropy, True)
     assert rounds == 2 and torch.equal(inferred, torch.arange(k).repeat_interleave(4))
 
 
@@ -359,7 +306,7 @@ def test_run_writes_results_and_resume_equals_uninterrupted(tmp_path, monkeypatc
     folder = write_fake_mnist(str(tmp_path / "mnist"))
     full = run_gn.main(small_args(folder, str(tmp_path / "full")))
     header = open(tmp_path / "full" / "results.csv").readline().strip().split(",")
-    assert header == run_gn.COLUMNS and len(full) == 2 + 3
+    assert header == gn.COLUMNS and len(full) == 2 + 3
     assert {"args.json", "ckpt.pt", "results.csv"} <= set(os.listdir(tmp_path / "full"))
 
     # the process dies right after task 0's checkpoint, and the same command resumes
@@ -382,23 +329,27 @@ def test_run_writes_results_and_resume_equals_uninterrupted(tmp_path, monkeypatc
         harness.read_records(tmp_path / "cut2" / "masks.bin", width, [0] * 4)
 
 
-def test_gnu_and_gns_scoring_rule(tmp_path, monkeypatch):
+class Decided:
+    """An inference that decides batches 0 and 2 of every task as task 0, batch 1 as task 1
+    (it is called with every task's 3 batches at once)."""
+
+    def infer_tasks(self, x, *args):
+        return torch.tensor([0, 1, 0]).repeat(len(x) // 3), 1
+
+
+def test_gnu_and_gns_scoring_rule(tmp_path):
     folder = write_fake_mnist(str(tmp_path / "mnist"), n_test=300)
-    p = run_gn.get_parser()
-    args = run_gn.resolve(p.parse_args(small_args(folder, str(tmp_path / "o"))), p)
     tx, ty, vx, vy = data.load_mnist(folder, "cpu")
+    tests = gn.TestSets(vx, vy, data.permutation, 1, 128)
     net = learned_model(nets.lenet(100, 2), 2)
-    # batches 0 and 2 of every task are inferred as task 0, batch 1 as task 1
-    monkeypatch.setattr(supsup, "infer_tasks",  # called with every task's 3 batches at once
-                        lambda net, x, *a: (torch.tensor([0, 1, 0]).repeat(len(x) // 3), 1))
-    rows = {}
-    for scenario in ("GNu", "GNs"):
-        args.scenario = scenario
-        rows[scenario] = run_gn.evaluate(net, vx, vy, args, "cpu")
+
+    def evaluate(gnu, hits=None):
+        return tests.evaluate(net, Decided(), [0, 1], 1, supsup.entropy, False, gnu, hits)
+    rows = {"GNu": evaluate(True), "GNs": evaluate(False)}
     hits = []
     for t in range(2):
-        order = data.test_order(300, args.seed, t, "cpu")
-        x, y = vx[order][:, data.permutation(args.seed, t)], vy[order]
+        order = data.test_order(300, 1, t, "cpu")
+        x, y = vx[order][:, data.permutation(1, t)], vy[order]
         right = torch.tensor([0, 1, 0]).repeat_interleave(128)[:300] == t
         preds = []
         for task in (0, 1):
@@ -411,14 +362,13 @@ def test_gnu_and_gns_scoring_rule(tmp_path, monkeypatch):
         assert rows["GNu"][t]["task_acc"] == (2 / 3 if t == 0 else 1 / 3)
         # a task's right predictions per batch, kept from when it was learned, score the same
         supsup.set_task(net, t)
-        hits.append(run_gn.batch_hits(net, x, y, 128))
+        hits.append(tests.hits(net, t))
         assert hits[t].tolist() == [preds[t][i:i + 128].sum().item() for i in (0, 128, 256)]
     partly = torch.stack(hits).clone()
     partly[1] = -1  # not known: scored again
     for known in (torch.stack(hits), partly):
         for scenario in ("GNu", "GNs"):
-            args.scenario = scenario
-            assert run_gn.evaluate(net, vx, vy, args, "cpu", hits=known) == rows[scenario]
+            assert evaluate(scenario == "GNu", known) == rows[scenario]
         assert rows["GNu"][t]["given_acc"] == preds[t].sum().item() / 300
 
 
@@ -468,4 +418,3 @@ def test_clear_errors_never_lose_results(tmp_path, monkeypatch, capsys, mirror):
     assert open(os.path.join(out, "results.csv")).read() == before
     os.remove(ckpt)
     fails(small_args(folder, out), "has results.csv but no ckpt.pt")
-

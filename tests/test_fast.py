@@ -1,6 +1,6 @@
-"""Tests of the speed work and --precision: the RMSprop, the bf16 training step and
-task inference against fp32 or hand-computed references, the unpacked masks following the bank,
-the test results kept from training, and what a resumed run keeps."""
+"""Tests of fast.py and --precision: each fast path against its plain counterpart in supsup.py
+(the written-out step, RMSprop, batched task inference) or a hand computation, bf16 against
+fp32, the unpacked masks following the bank, and the test results kept from training."""
 import argparse
 import math
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import fast
 import harness
 import nets
 import run_gn
@@ -18,12 +19,75 @@ from conftest import (crash_then_resume, learned_model, small_args, timeless,
 BF16 = torch.bfloat16
 
 
+@pytest.mark.parametrize("model, batch, task_dim", [(nets.lenet, 128, False),
+                                                    (nets.lenet, 37, True),
+                                                    (nets.fc1024, 100, False)])
+def test_written_out_mlp_step_equals_autograd_bit_for_bit(model, batch, task_dim):
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(12, batch, 784, generator=gen), torch.randint(0, 10, (12, batch),
+                                                                        generator=gen)
+    batches = list(zip(xs[:, None], ys[:, None]) if task_dim else zip(xs, ys))  # [1, B, ...]
+
+    def train(written_out):
+        net = model(500, 2, seed=1)
+        opt = torch.optim.RMSprop(supsup.start_task(net, 1), lr=1e-2)
+        assert fast.threshold_mlp_layers(net) == supsup.masked_layers(net)
+        steps = fast.train_steps if written_out else supsup.train_steps
+        loss = steps(net, batches, opt)
+        return loss, [m.scores.detach() for m in supsup.masked_layers(net)]
+
+    (loss, scores), (fast_loss, fast_scores) = train(False), train(True)
+    assert loss == fast_loss and all(map(torch.equal, scores, fast_scores))
+
+
+def test_threshold_mlp_layers_only_for_training_one_threshold_task():
+    for other in (nets.lenet(100, 2, sparsity=4), nets.gemresnet18(5, 2)):  # top-k; not an MLP
+        supsup.start_task(other, 0)
+        assert fast.threshold_mlp_layers(other) is None
+    net = nets.lenet(100, 3)
+    assert fast.threshold_mlp_layers(net) is None  # no scores yet
+    learned_model(net, 1)
+    supsup.start_task(net, 0, 2)  # two tasks at once: stacked scores
+    assert fast.threshold_mlp_layers(net) is None
+    supsup.start_task(net, 0)
+    assert fast.threshold_mlp_layers(net) == supsup.masked_layers(net)
+    supsup.set_task(net, 0)  # a finished task
+    assert fast.threshold_mlp_layers(net) is None
+    supsup.set_task(net, 1)
+    supsup.set_alphas(net, torch.tensor([1.0]))  # superposed
+    assert fast.threshold_mlp_layers(net) is None
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("chunk", [fast.CHUNK, 2 * 784 * 300])  # 2 masks unpacked at a time
+def test_batched_alpha_grads_equal_autograd_through_superposition(shared, chunk, monkeypatch):
+    monkeypatch.setattr(fast, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    conv_net = torch.nn.Sequential(supsup.MaskedConv2d(2, 4, 3, 5, g), torch.nn.ReLU(),
+                                   torch.nn.Flatten(-3), supsup.MaskedLinear(64, 12, 5, g))
+    for net, x in ((nets.lenet(20, 5), torch.randn(3, 4, 784)),
+                   (conv_net, torch.randn(3, 4, 2, 6, 6))):
+        learned_model(net, 5)
+        w = torch.rand(3, 4)
+        alphas = torch.full((5,), 0.2) if shared else torch.rand(3, 5)
+        for objective in supsup.OBJECTIVES.values():
+            batched = fast.Inference(net).alpha_grads(net, x, w, alphas, objective)
+            refs = supsup.alpha_grads(net, x, w, alphas, objective)
+            for b, ref in enumerate(refs):
+                assert (batched[b] - ref).norm() <= 1e-5 * ref.norm()  # relative 1e-5
+                assert batched[b].argmin() == ref.argmin()  # the same task picked
+            a = (alphas if shared else alphas[1]).clone().requires_grad_()  # the oracle itself
+            supsup.set_alphas(net, a)
+            ref, = torch.autograd.grad((objective(net(x[1])) * w[1]).sum(), a)
+            assert torch.equal(refs[1], ref)
+
+
 def test_rmsprop_is_torchs_update_bit_for_bit_and_by_hand():
     gen = torch.Generator().manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((7, 5), (3,))]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     start = [p.detach().clone() for p in ours]
-    opts = supsup.RMSprop(ours, lr=1e-2), torch.optim.RMSprop(theirs, lr=1e-2)
+    opts = fast.RMSprop(ours, lr=1e-2), torch.optim.RMSprop(theirs, lr=1e-2)
     for step in range(20):
         for a, b in zip(ours, theirs):
             a.grad = torch.randn(a.shape, generator=gen)
@@ -41,15 +105,15 @@ def test_rmsprop_is_torchs_update_bit_for_bit_and_by_hand():
 def test_bf16_units_are_exact_signs_and_constants():
     net = nets.lenet(100, 1)
     supsup.start_task(net, 0)
-    layers = supsup.threshold_mlp_layers(net)
-    (signs, factors), C = supsup.mlp_units(layers, BF16)
+    layers = fast.threshold_mlp_layers(net)
+    (signs, factors), C = fast.mlp_units(layers, BF16)
     constants = [math.sqrt(2 / fan_in) for fan_in in (784, 300, 100)]  # signed constants
     assert C == pytest.approx(math.prod(constants), rel=1e-6)
     for m, s, f, c in zip(layers, signs, factors, constants):
         assert torch.equal(s.abs(), torch.ones_like(s))  # +-1: exact in bf16
         assert torch.equal(s.to(BF16).float() * float(m.weight.abs().max()), m.weight)
         assert torch.allclose(f, m.weight * C / c, rtol=1e-6)
-    (w, w2), one = supsup.mlp_units(layers, torch.float32)
+    (w, w2), one = fast.mlp_units(layers, torch.float32)
     assert one == 1 and all(torch.equal(a, m.weight) and torch.equal(b, m.weight)
                             for a, b, m in zip(w, w2, layers))
 
@@ -59,10 +123,10 @@ def test_bf16_step_matches_the_fp32_step_to_bf16_rounding(model):
     gen = torch.Generator().manual_seed(0)
     net = model(500, 1)
     supsup.start_task(net, 0)
-    layers = supsup.threshold_mlp_layers(net)
+    layers = fast.threshold_mlp_layers(net)
     x, y = torch.randn(128, 784, generator=gen), torch.randint(0, 10, (128,), generator=gen)
-    loss32, grads32 = supsup.mlp_step(layers, supsup.mlp_units(layers, torch.float32), x, y)
-    loss16, grads16 = supsup.mlp_step(layers, supsup.mlp_units(layers, BF16), x, y, BF16)
+    loss32, grads32 = fast.mlp_step(layers, fast.mlp_units(layers, torch.float32), x, y)
+    loss16, grads16 = fast.mlp_step(layers, fast.mlp_units(layers, BF16), x, y, BF16)
     assert abs(loss16 - loss32) <= 1e-3 * loss32
     for g16, g32 in zip(grads16, grads32):
         assert g16.dtype == torch.float32  # the scores' gradients (and RMSprop) stay fp32
@@ -73,7 +137,7 @@ def test_bf16_step_matches_the_fp32_step_to_bf16_rounding(model):
         assert (g16.sign() == g32.sign()).float().mean() > 0.98
 
 
-def test_masked_rows_follow_the_bank_exactly_in_both_precisions():
+def test_unpacked_masks_follow_the_bank_exactly_in_both_precisions():
     net = learned_model(nets.mlp([16, 8], 12, 6, seed=0), 4)
     m = supsup.masked_layers(net)[0]
 
@@ -81,11 +145,12 @@ def test_masked_rows_follow_the_bank_exactly_in_both_precisions():
         return m.stored_masks(0, k) * m.weight.flatten()
 
     for dtype in (torch.float32, BF16):
-        rows, c = m.masked_rows(4, dtype), m.unit(dtype)[1]
+        unpacked = fast.UnpackedMasks(m, dtype)
+        rows, c = unpacked.first(4), unpacked.c
         assert rows.dtype == dtype and torch.equal(rows.float() * c, reference(4))
         m.bank[2] = ~m.bank[2]  # a mask that changed (as NNs retrains one) ...
         learned_model(net, 1)  # ... and a new one
-        assert torch.equal(m.masked_rows(5, dtype).float() * c, reference(5))
+        assert torch.equal(unpacked.first(5).float() * c, reference(5))
         m.bank[2] = ~m.bank[2]
         m.num_learned -= 1
 
@@ -96,8 +161,8 @@ def test_bf16_alpha_grads_match_fp32_to_bf16_rounding():
     x, w = torch.randn(5, 3, 784, generator=gen), torch.full((5, 3), 1 / 3)
     # one-shot's uniform alphas; per-decision alphas (their superpositions round to bf16 too)
     for alphas, within in ((torch.full((6,), 1 / 6), 0.02), (torch.rand(5, 6, generator=gen), 0.1)):
-        g32 = supsup.alpha_grads(net, x, w, alphas, supsup.entropy)
-        g16 = supsup.alpha_grads(net, x, w, alphas, supsup.entropy, BF16)
+        g32 = fast.Inference(net).alpha_grads(net, x, w, alphas, supsup.entropy)
+        g16 = fast.Inference(net, BF16).alpha_grads(net, x, w, alphas, supsup.entropy)
         assert g16.dtype == torch.float32
         assert ((g16 - g32).norm(dim=1) <= within * g32.norm(dim=1)).all()
 
@@ -112,22 +177,6 @@ def test_precision_left_to_the_device_and_given(monkeypatch):
         assert harness.precision_dtype(argparse.Namespace(precision="fp32"), cpu) == torch.float32
 
 
-def test_a_run_from_before_precision_resumes_only_in_fp32(tmp_path):
-    old = dict(tasks=3, given=[])  # args.json of a run that predates --precision: fp32
-    assert harness.same_run(old, dict(tasks=3, precision="fp32", given=[])) == []
-    assert harness.same_run(old, dict(tasks=3, precision="bf16", given=[])) == [
-        "precision: fp32 -> bf16"]
-    write_fake_mnist(str(tmp_path))
-    argv = small_args(str(tmp_path), str(tmp_path / "run"), "--tasks", "2")
-    run_gn.main(argv + ["--precision", "fp32"])
-    state = harness.load_tensors(tmp_path / "run" / "ckpt.pt")
-    del state["args"]["precision"]  # as a run of an older version has it
-    harness.save_tensors(tmp_path / "run" / "ckpt.pt", state)
-    with pytest.raises(SystemExit):
-        run_gn.main(argv + ["--precision", "bf16"])
-    assert run_gn.main(argv + ["--precision", "fp32"])  # resumes (nothing left to learn)
-
-
 def test_bf16_gn_run_resumes_as_if_never_stopped_and_comparisons_stay_fp32(tmp_path,
                                                                            monkeypatch):
     write_fake_mnist(str(tmp_path))
@@ -138,20 +187,6 @@ def test_bf16_gn_run_resumes_as_if_never_stopped_and_comparisons_stay_fp32(tmp_p
     with pytest.raises(SystemExit):
         run_gn.main(small_args(str(tmp_path), str(tmp_path / "c"), "--method", "ewc",
                                "--precision", "bf16"))
-
-
-def test_a_checkpoint_without_kept_hits_resumes_to_the_same_rows(tmp_path, monkeypatch):
-    write_fake_mnist(str(tmp_path))
-    argv = small_args(str(tmp_path), str(tmp_path / "a"))
-    whole = run_gn.main(argv)
-    argv[argv.index("--out") + 1] = str(tmp_path / "b")
-    save = harness.save_checkpoint
-
-    def without_hits(out, state):  # as a version that did not keep them wrote it
-        save(out, {k: v for k, v in state.items() if k != "hits"})
-
-    monkeypatch.setattr(harness, "save_checkpoint", without_hits)
-    assert timeless(crash_then_resume(monkeypatch, run_gn.main, argv, at=2)) == timeless(whole)
 
 
 def test_bench_agreement_decides_as_the_run_did(tmp_path):

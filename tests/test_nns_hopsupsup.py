@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import fast
 import harness
 import hopsupsup
 import nets
@@ -26,14 +27,16 @@ def test_nns_new_task_rule_allocates_for_new_data_only():
 
     seen, new = torch.arange(64), torch.randperm(64, generator=g)
     masks = run_nns.Masks(nets.mlp([64, 128], 40, 8, seed=0), seed=0)
+    inference = fast.Inference(masks.model)
     args = argparse.Namespace(floor=5, epsilon=1 / 8)
-    assert run_nns.choose(masks, batch(seen)[0], 0, args) == (0, True)  # the first batch
+    assert run_nns.choose(masks, inference, batch(seen)[0], 0, args) == (0, True)  # the first batch
     masks.ensure(1)
     masks.train(0, [batch(seen) for _ in range(100)], torch.optim.RMSprop(masks.scores[0], 1e-3))
     assert torch.equal(supsup.masked_layers(masks.model)[0].stored_masks(0, 1)[0].bool(),
                        masks.scores[0][0].flatten() >= 0)  # the bank follows the scores
-    assert run_nns.choose(masks, batch(seen)[0], 1, args) == (0, False)  # mask 0 trains on
-    assert run_nns.choose(masks, batch(new)[0], 1, args) == (1, True)  # a new mask
+    # mask 0 trains on
+    assert run_nns.choose(masks, inference, batch(seen)[0], 1, args) == (0, False)
+    assert run_nns.choose(masks, inference, batch(new)[0], 1, args) == (1, True)  # a new mask
     assert len(masks.scores) == 5  # the floor of 5 candidates: 4 untrained ones drawn
 
 

@@ -1,4 +1,4 @@
-"""Tests of continual backprop (plasticity.BP, CBP) and the plasticity probe against hand
+"""Tests of continual backprop (methods.BP, CBP) and the plasticity probe against hand
 computations and numpy."""
 import argparse
 import math
@@ -8,15 +8,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-import baselines
+import gn
+import methods
+import methods.base
 import nets
-import plasticity
 import run_gn
 import conftest
 from conftest import crash_then_resume, small_args, task_data, timeless, write_fake_mnist
 
 
-def make(cls, widths=(6, 8, 5), lr=0.05, optimizer=baselines.sgd, **flags):
+def make(cls, widths=(6, 8, 5), lr=0.05, optimizer=methods.base.sgd, **flags):
     """bp or cbp on a small MLP of two hidden layers and one head of 3 outputs."""
     args = argparse.Namespace(**{**dict(tasks=2, seed=0, lr=lr, trunk_lr=lr,
                                         replacement_rate=0.0, maturity=100, decay=0.99), **flags})
@@ -29,15 +30,15 @@ def learn(method):
 
 
 def test_cbp_replacing_nothing_is_bp_bit_for_bit():
-    bp = learn(make(plasticity.BP))
-    cbp = make(plasticity.CBP, maturity=1)
+    bp = learn(make(methods.BP))
+    cbp = make(methods.CBP, maturity=1)
     assert all(map(torch.equal, learn(cbp), bp)) and cbp.replaced == 0
-    assert learn(make(plasticity.CBP, replacement_rate=0.1, maturity=1))[0].ne(bp[0]).any()
+    assert learn(make(methods.CBP, replacement_rate=0.1, maturity=1))[0].ne(bp[0]).any()
 
 
 def test_cbp_replaces_mature_units_of_least_utility_with_fresh_ones():
-    method = make(plasticity.CBP, replacement_rate=0.05, maturity=5, decay=0.9,
-                  optimizer=baselines.adam)
+    method = make(methods.CBP, replacement_rate=0.05, maturity=5, decay=0.9,
+                  optimizer=methods.base.adam(1e-4))
     checked, replace = [], method.replace
 
     def spy(w_in, w_out, units):
@@ -68,7 +69,7 @@ def test_cbp_replaces_mature_units_of_least_utility_with_fresh_ones():
 
 
 def test_utility_is_a_bias_corrected_ema_of_contribution():
-    method = make(plasticity.CBP, widths=(6, 4), lr=0.0, decay=0.8)  # lr 0: fixed weights
+    method = make(methods.CBP, widths=(6, 4), lr=0.0, decay=0.8)  # lr 0: fixed weights
     w_in, _, w_out = method.layers[0]
     method.start(0)
     data = task_data(0, n=3, size=7)
@@ -87,7 +88,7 @@ def test_ranks_and_probe_equal_numpy():
     u, _ = np.linalg.qr(g.standard_normal((50, 6)))
     v, _ = np.linalg.qr(g.standard_normal((6, 6)))
     sigma = np.array([10.0, 5.0, 3.0, 1.5, 0.4, 0.1])  # sums: .50 .75 .90 .975 .995 1
-    stable, effective = plasticity.ranks(torch.tensor(u * sigma @ v.T))
+    stable, effective = gn.ranks(torch.tensor(u * sigma @ v.T))
     p = sigma / sigma.sum()
     assert stable == 5 and effective == pytest.approx(np.exp(-(p * np.log(p)).sum()))
 
@@ -97,7 +98,7 @@ def test_ranks_and_probe_equal_numpy():
     with torch.no_grad():
         net[0].weight[:2] = -1.0  # two units never fire on positive inputs: dormant
     x = torch.rand(300, 5)
-    got = plasticity.probe(net, x)
+    got = gn.probe(net, x)
     w = [m.weight.detach().double().numpy() for m in net if isinstance(m, nn.Linear)]
     h1 = np.maximum(x.double().numpy() @ w[0].T, 0)
     h2 = np.maximum(h1 @ w[1].T, 0)
@@ -122,7 +123,7 @@ def test_every_run_gn_method_writes_the_probe_and_resumes(tmp_path, method, monk
     assert open(tmp_path / "resumed" / "probe.csv").read() == \
         open(tmp_path / "run" / "probe.csv").read()
     lines = open(tmp_path / "run" / "probe.csv").read().split()
-    assert lines[0] == ",".join(run_gn.PROBE_COLUMNS) and len(lines) == 3  # after 2 and 3
-    row = dict(zip(run_gn.PROBE_COLUMNS, lines[2].split(",")))
+    assert lines[0] == ",".join(gn.PROBE_COLUMNS) and len(lines) == 3  # after 2 and 3
+    row = dict(zip(gn.PROBE_COLUMNS, lines[2].split(",")))
     assert row["method"] == method and row["num_learned"] == "3"
     assert 0 <= float(row["dormant"]) <= 1 and 1 <= int(row["stable_rank"]) <= 100

@@ -1,4 +1,5 @@
-"""Tests of Model Zoo (zoo.py): its task sampling, Isolated (b = 1) as independent training, the
+"""Tests of Model Zoo (methods/modelzoo.py): its task sampling, Isolated (b = 1) as independent
+training, the
 ensemble's averaged softmax and the replayed round, what it stores, its checkpoint, and runs
 through both harnesses, each against a hand computation."""
 import argparse
@@ -9,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import baselines
 import gg_data
 import harness
+import methods
+import methods.base
 import nets
 import run_gg
 import run_gn
 import supsup
-import zoo
 from conftest import (DEVICE, crash_then_resume, small_args, task_data, timeless,
                       write_fake_mnist)
 
@@ -26,8 +27,8 @@ LR = 0.05
 def make(b, multi_head, tasks=3):
     """Model Zoo on a small MLP (6-8-3, a head per task or one shared head)."""
     args = argparse.Namespace(tasks=tasks, seed=0, lr=LR, zoo_b=b)
-    return zoo.ModelZoo(lambda layers: mlp(tasks, layers), args, zoo.nesterov_sgd, multi_head,
-                        lambda t, epoch: task_data(t))
+    return methods.ModelZoo(lambda layers: mlp(tasks, layers), args, methods.base.nesterov_sgd,
+                            multi_head, lambda t, epoch: task_data(t))
 
 
 def mlp(tasks, layers):
@@ -46,8 +47,8 @@ def learn(method, tasks, epochs=1, repeat=1):
 
 def fresh(t, multi_head, tasks):
     """Round t's learner as built alone, with the paper's optimizer."""
-    net = mlp(tasks, baselines.DenseLayers(tasks, zoo.learner_seed(0, t), heads=multi_head,
-                                           task_norm=False))
+    net = mlp(tasks, methods.base.DenseLayers(tasks, methods.modelzoo.learner_seed(0, t),
+                                              heads=multi_head, task_norm=False))
     opt = torch.optim.SGD(net.parameters(), LR, momentum=0.9, nesterov=True, weight_decay=1e-5)
     return net, opt
 
@@ -59,34 +60,36 @@ def output(model, t, x):
 
 
 def test_sampling_probabilities_equal_a_hand_computation_with_both_clips():
-    p = zoo.sampling_probabilities([1.0, 2.0, 3.0])  # mean 2: spreads -1/2, 0, 1/2
+    p = methods.modelzoo.sampling_probabilities([1.0, 2.0, 3.0])  # mean 2: spreads -1/2, 0, 1/2
     w = [math.exp(-0.5), 1.0, math.exp(0.5)]
     assert p.tolist() == pytest.approx([v / sum(w) for v in w], rel=1e-12)
     # nine tasks at 0.01 and one at 1: mean 0.109, spread 8.17, exp 3540 clipped to 1000
     w_low = math.exp((0.01 - 0.109) / 0.109)
-    p = zoo.sampling_probabilities([0.01] * 9 + [1.0])
+    p = methods.modelzoo.sampling_probabilities([0.01] * 9 + [1.0])
     assert p.tolist() == pytest.approx([w_low / (9 * w_low + 1000)] * 9 +
                                        [1000 / (9 * w_low + 1000)], rel=1e-12)
     # made-up losses (a cross-entropy is >= 0, so exp >= 1/e in a run): mean 1, spreads
     # -11, 11, 0, the exps clipped to 1e-4 and 1e3
-    p = zoo.sampling_probabilities([-10.0, 12.0, 1.0])
+    p = methods.modelzoo.sampling_probabilities([-10.0, 12.0, 1.0])
     assert p.tolist() == pytest.approx([1e-4 / 1001.0001, 1e3 / 1001.0001, 1 / 1001.0001],
                                        rel=1e-12)
-    assert zoo.sampling_probabilities([0.0, 0.0]).tolist() == [0.5, 0.5]  # nothing to boost
+    # nothing to boost
+    assert methods.modelzoo.sampling_probabilities([0.0, 0.0]).tolist() == [0.5, 0.5]
 
 
 def test_round_tasks_are_distinct_earlier_seen_tasks_drawn_by_their_weights():
     for t in range(7):
         for seed in range(10):
-            tasks = zoo.round_tasks([0.5 + i for i in range(t)], 3,
-                                    supsup.task_generator(seed, t, 11))
+            tasks = methods.modelzoo.round_tasks([0.5 + i for i in range(t)], 3,
+                                                 supsup.task_generator(seed, t, 11))
             assert tasks[-1] == t and len(tasks) == min(2, t) + 1 == len(set(tasks))
             assert all(0 <= i < t for i in tasks[:-1]) and tasks == sorted(tasks)
-    assert zoo.round_tasks([1.0, 2.0], 1, torch.Generator()) == [2]  # Isolated
-    assert zoo.round_tasks([1.0, 2.0], 9, torch.Generator()) == [0, 1, 2]  # all there are
+    assert methods.modelzoo.round_tasks([1.0, 2.0], 1, torch.Generator()) == [2]  # Isolated
+    # all there are
+    assert methods.modelzoo.round_tasks([1.0, 2.0], 9, torch.Generator()) == [0, 1, 2]
     # losses 0, 0, 1: mean 1/3, spreads -1, -1, 2: task 2 drawn with p = e^2 / (e^2 + 2/e)
     g = supsup.task_generator(0, 3, 11)
-    draws = [zoo.round_tasks([0.0, 0.0, 1.0], 2, g)[0] for _ in range(2000)]
+    draws = [methods.modelzoo.round_tasks([0.0, 0.0, 1.0], 2, g)[0] for _ in range(2000)]
     expect = math.exp(2) / (math.exp(2) + 2 * math.exp(-1))
     assert abs(draws.count(2) / 2000 - expect) < 0.03  # 4.7 standard deviations
     assert draws.count(0) and draws.count(1)
@@ -198,8 +201,8 @@ def test_modelzoo_runs_splitcifar100_and_stores_what_is_counted(tmp_path, capsys
             "--method", "modelzoo", "--out", str(tmp_path / "run")]
     rows = run_gg.main(argv)
     assert [(r["num_learned"], r["task"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
-    net = nets.gemresnet18(5, 2, layers=baselines.DenseLayers(2, 1, heads=True,
-                                                               task_norm=False))
+    net = nets.gemresnet18(5, 2, layers=methods.base.DenseLayers(2, 1, heads=True,
+                                                                 task_norm=False))
     params = sum(p.numel() for p in net.parameters())  # trunk, its BN, 2 heads of 160 x 5
     stats = 8 * sum(m.num_features for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     learners = (4 * (params - 800) + stats) + (4 * params + stats)

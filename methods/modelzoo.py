@@ -1,5 +1,5 @@
 """Model Zoo (Ramesh & Chaudhari, ICLR 2022) on the comparison methods' interface
-(baselines.py): a growing ensemble of small multi-task learners, one added per task, each
+(base.Method): a growing ensemble of small multi-task learners, one added per task, each
 trained from scratch on the new task and up to b-1 earlier tasks whose data it replays.
 
 Round t (task t arrives):
@@ -32,10 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import baselines
-import peers
 import supsup
 from harness import UserError, positive_int
+
+from .base import (DenseLayers, Method, example_bytes, nesterov_sgd, one_task,
+                   shared_parameters, task_parameters)
 
 # L_i is measured on the first LOSS_BATCHES batches of task i's epoch 0. The same sample is used
 # every round, so L_i changes only when the ensemble does, and the cost stays bounded.
@@ -72,11 +73,6 @@ def learner_seed(seed, t):
     return supsup.task_generator(seed, t, 12).initial_seed()
 
 
-def nesterov_sgd(params, lr):
-    """The paper's optimizer (their Ray Tune choice): SGD, Nesterov momentum 0.9, wd 1e-5."""
-    return torch.optim.SGD(params, lr, momentum=0.9, nesterov=True, weight_decay=1e-5)
-
-
 class Ensemble(nn.Module):
     """The zoo as one model: the learners, and which tasks each learner trained on. For the
     current task (supsup.set_task), the output is the log of the mean softmax of the learners
@@ -110,12 +106,29 @@ class Ensemble(nn.Module):
         return torch.logsumexp(log_probs, 0) - math.log(len(mine))
 
 
-class ModelZoo:
+class ModelZoo(Method):
     """Model Zoo: a fresh learner per task, trained on the new task and min(b-1, t) earlier tasks
     drawn by the zoo's loss on them (--zoo-b). Each task is predicted by the mean softmax of
     its learners. It keeps every learner and, for b > 1, all seen training data (bytes)."""
+    name = "modelzoo"
+    run_all_tasks = 20  # (its learners grow with every task: 966 MB after 20)
+    summary = "a learner per task, trained with replayed earlier tasks the zoo serves worst"
+    replays = True  # for b > 1 (replays_data)
+    reads_earlier_tasks = True  # the replayed tasks' batches, and L_i of the round's tasks
+    flags = {"--zoo-b": dict(type=positive_int, default=None,
+                             help="tasks per round, the new one and b-1 earlier ones drawn by "
+                                  "the zoo's loss on them [default: 5]; 1: Isolated, a network "
+                                  "per task")}
+    # the paper's lr with its optimizer (their Ray Tune choice): SGD, Nesterov momentum 0.9,
+    # weight decay 1e-5
+    gn = dict(lr=0.01, zoo_b=5, optimizer=nesterov_sgd)
+    gg = dict(lr=0.01, zoo_b=5, optimizer=nesterov_sgd)
     trunk_tasks = 0  # every learner trains all of its weights at --lr; none is special
     read_right_after = False  # a later learner can change an earlier task's prediction
+
+    @classmethod
+    def replays_data(cls, args):
+        return args.get("zoo_b") != 1  # b = 1, Isolated, replays nothing
 
     def __init__(self, net, args, optimizer, multi_head, data):
         self.net, self.optimizer, self.multi_head, self.data = net, optimizer, multi_head, data
@@ -124,14 +137,14 @@ class ModelZoo:
         self.losses = {}  # task -> L_i, after the last round that trained on it
         self.stored = {}  # task -> bytes of its training examples, kept for replay
         self.log = []  # per round and seen task: its draw probability, whether drawn, L_i
-        self.opt, self.learner, self.task, self.tasks, self.p, self.replays = (
+        self.opt, self.learner, self.task, self.tasks, self.p, self.streams = (
             None, None, 0, [], [], {})
 
     def new_learner(self, t):
         """Round t's learner: a shared trunk (one shared affine BatchNorm) and a head per task
         where the harness has heads, freshly initialised from the round's seed."""
-        return self.net(baselines.DenseLayers(self.num_tasks, learner_seed(self.seed, t),
-                                              heads=self.multi_head, task_norm=False))
+        return self.net(DenseLayers(self.num_tasks, learner_seed(self.seed, t),
+                                    heads=self.multi_head, task_norm=False))
 
     def start(self, t):
         earlier = [self.losses[i] for i in range(t)]
@@ -139,7 +152,7 @@ class ModelZoo:
         self.tasks = round_tasks(earlier, self.b, supsup.task_generator(self.seed, t, 11))
         self.learner = self.model.add(self.new_learner(t), self.tasks)
         self.learner.train()
-        self.replays = {i: self.replayed(i) for i in self.tasks[:-1]}
+        self.streams = {i: self.replayed(i) for i in self.tasks[:-1]}
         self.opt = self.optimizer(list(self.learner.parameters()), self.lr)
         self.task = t
         supsup.set_task(self.model, t)
@@ -160,11 +173,11 @@ class ModelZoo:
         of b x the batch size, except that BatchNorm sees each task's batch alone.
         -> the mean loss."""
         if accum != 1:
-            raise UserError("modelzoo takes --accum-steps 1")
+            raise UserError(f"{self.name} takes --accum-steps 1")
         total, steps = 0.0, 0
-        for x, y in map(peers.one_task, batches):
-            pairs = [(self.task, x, y)] + [(i, *peers.one_task(next(stream)))
-                                           for i, stream in self.replays.items()]
+        for x, y in map(one_task, batches):
+            pairs = [(self.task, x, y)] + [(i, *one_task(next(stream)))
+                                           for i, stream in self.streams.items()]
             self.opt.zero_grad(set_to_none=True)
             loss = sum(self.task_loss(*pair) for pair in pairs) / len(pairs)
             loss.backward()
@@ -179,7 +192,7 @@ class ModelZoo:
         task i's epoch 0."""
         supsup.set_task(self.model, i)
         total, n = 0.0, 0
-        for x, y in map(peers.one_task, itertools.islice(self.data(i, 0), LOSS_BATCHES)):
+        for x, y in map(one_task, itertools.islice(self.data(i, 0), LOSS_BATCHES)):
             total += F.nll_loss(self.model(x), y, reduction="sum").item()
             n += len(y)
         return total / n
@@ -189,9 +202,9 @@ class ModelZoo:
         # repeats); its distinct examples are what replay must keep. Counted here, once, not
         # in the training step, where it would copy every batch to the host.
         seen = set()
-        for x, _ in map(peers.one_task, batches):
+        for x, _ in map(one_task, batches):
             seen.update(hash(row.tobytes()) for row in x.flatten(1).cpu().numpy())
-        self.stored[t] = len(seen) * peers.example_bytes(x)
+        self.stored[t] = len(seen) * example_bytes(x)
         self.model.eval()
         for i in self.tasks:
             self.losses[i] = self.ensemble_loss(i)
@@ -199,7 +212,7 @@ class ModelZoo:
         self.log += [dict(round=t, task=i, p=round(self.p[i], 6) if i < t else "",
                           drawn=int(i in self.tasks), learners=learners[i],
                           loss=round(self.losses[i], 6)) for i in range(t + 1)]
-        self.replays = {}
+        self.streams = {}
         supsup.set_task(self.model, t)
 
     def state(self):
@@ -220,9 +233,10 @@ class ModelZoo:
         mean and variance."""
         m = self.model.learners[j]
         tasks = self.model.trained_on[j].nonzero().flatten().tolist()
-        params = baselines.shared_parameters(m, self.num_tasks) + [
-            p for i in tasks for p in baselines.task_parameters(m, i)]
-        stats = sum(8 * n.num_features for n in m.modules() if isinstance(n, nn.BatchNorm2d))
+        params = shared_parameters(m, self.num_tasks) + [
+            p for i in tasks for p in task_parameters(m, i)]
+        stats = supsup.statistics_bytes(n for n in m.modules()
+                                        if isinstance(n, nn.BatchNorm2d))
         return 4 * sum(p.numel() for p in params) + stats
 
     def bytes(self, k):
@@ -230,15 +244,3 @@ class ModelZoo:
         (none for Isolated, b = 1, which replays nothing)."""
         examples = sum(self.stored[i] for i in range(k)) if self.b > 1 else 0
         return sum(self.learner_bytes(j) for j in range(k)) + examples
-
-
-# The harnesses' entries (see baselines.GN and GG): the paper's lr with its optimizer.
-GN = {"modelzoo": (ModelZoo, dict(lr=0.01, zoo_b=5, optimizer=nesterov_sgd))}
-GG = {"modelzoo": (ModelZoo, dict(lr=0.01, zoo_b=5, optimizer=nesterov_sgd))}
-
-
-def add_args(p):
-    """Model Zoo's flag (both harnesses); its default comes from the tables above."""
-    p.add_argument("--zoo-b", type=positive_int, default=None,
-                   help="modelzoo: tasks per round, the new one and b-1 earlier ones drawn by "
-                        "the zoo's loss on them [default: 5]; 1: Isolated, a network per task")

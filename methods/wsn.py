@@ -1,5 +1,5 @@
 """WSN, Winning SubNetworks ("Forget-free Continual Learning with Winning Subnetworks", Kang et al.,
-ICML 2022; code: ihaeyong/WSN), on the comparison methods' interface (baselines.py).
+ICML 2022; code: ihaeyong/WSN), on the comparison methods' interface (base.Method).
 
 Where SupSup learns a mask per task over fixed random weights, WSN also trains the weights.
 Every layer has weights W and one score tensor S, both shared by all tasks and trained from task
@@ -20,16 +20,17 @@ percentile keeps n - round((1 - c)(n - 1)) (the same at c = 0.5 and even n, else
 more); m_t is the top-c of |S| when the task ends (WSN keeps its last training forward's mask).
 """
 import argparse
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import baselines
 import supsup
 from harness import positive_float
-from supsup import TaskBatchNorm, pack, unpack
+from supsup import StraightThrough, TaskBatchNorm, pack, unpack
+
+from .base import (Method, TaskHeads, adam, dense_init, task_parameters,
+                   task_statistics_bytes)
 
 # ------------------------------------------------------------------------------ masks
 
@@ -46,27 +47,6 @@ def top_mask(magnitudes, keep):
                                            1.0).view_as(magnitudes)
 
 
-class TopMask(torch.autograd.Function):
-    """top_mask, straight-through: the mask's gradient reaches the magnitudes unchanged (WSN's
-    GetSubnetFaster), so dL/dS = dL/dW_eff * W * sign(S) through |S|."""
-
-    @staticmethod
-    def forward(ctx, magnitudes, keep):
-        return top_mask(magnitudes, keep)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def default_init(shape, generator):
-    """PyTorch's default init of a Linear or Conv2d weight (kaiming_uniform_, a = sqrt 5: U(+-1
-    / sqrt(fan_in))), drawn from the generator; WSN's init of W and of S."""
-    w = torch.empty(shape)
-    nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
-    return w
-
-
 # ----------------------------------------------------------------------------- layers
 
 
@@ -77,8 +57,9 @@ class WSNLayer(nn.Module):
 
     def __init__(self, shape, num_tasks, c, generator):
         super().__init__()
-        self.weight = nn.Parameter(default_init(shape, generator))
-        self.scores = nn.Parameter(default_init(shape, generator))
+        # WSN's init of W and of S: the dense layers' (PyTorch's default)
+        self.weight = nn.Parameter(dense_init(torch.empty(shape), generator))
+        self.scores = nn.Parameter(dense_init(torch.empty(shape), generator))
         self.keep = kept_count(self.weight.numel(), c)
         self.register_buffer("bank", torch.zeros(num_tasks, -(-self.weight.numel() // 8),
                                                  dtype=torch.uint8))
@@ -118,7 +99,11 @@ class WSNLayer(nn.Module):
         # the same values as W; where M = 1 a constant, so W's gradient there is exactly 0 (WSN
         # zeroes W.grad where M = 1 after the backward: the same numbers)
         trainable = torch.where(self.used, self.weight.detach(), self.weight)
-        return trainable * TopMask.apply(self.scores.abs(), self.keep)
+        # straight through the top-c mask to |S| (WSN's GetSubnetFaster): dL/dS = dL/dW_eff *
+        # W * sign(S)
+        magnitudes = self.scores.abs()
+        return trainable * StraightThrough.apply(magnitudes,
+                                                 top_mask(magnitudes.detach(), self.keep))
 
 
 class WSNLinear(WSNLayer):
@@ -144,7 +129,7 @@ class WSNConv2d(WSNLayer):
 
 class WSNLayers:
     """The layer factory of nets.py's networks: WSN layers keeping the fraction c, drawn from
-    `seed`, except the classifier when `heads` (a dense layer per task, baselines.TaskHeads,
+    `seed`, except the classifier when `heads` (a dense layer per task, base.TaskHeads,
     all starting from one draw); per-task non-affine BatchNorm."""
 
     def __init__(self, num_tasks, seed, c, heads):
@@ -162,9 +147,8 @@ class WSNLayers:
         return WSNConv2d(c_in, c_out, k, self.num_tasks, self.c, self.generator, stride)
 
     def head(self, layer):
-        with torch.no_grad():
-            layer.weight.copy_(default_init(layer.weight.shape, self.generator))
-        return baselines.TaskHeads(layer, self.num_tasks)
+        dense_init(layer.weight, self.generator)
+        return TaskHeads(layer, self.num_tasks)
 
     def norm(self, channels):
         return TaskBatchNorm(channels, self.num_tasks)
@@ -173,10 +157,30 @@ class WSNLayers:
 # ----------------------------------------------------------------------------- method
 
 
-class WSN:
-    """WSN behind the comparison methods' interface (baselines.py's docstring). Logs per task
-    the capacity used, the fraction of all WSN weights in M (WSN's "global sparsity"), and the
-    fraction of the task's mask that earlier tasks had already fixed."""
+def kept_fraction(s):  # --wsn-c's type
+    c = positive_float(s)
+    if c > 1:
+        raise argparse.ArgumentTypeError(f"{s} is not a fraction in (0, 1]")
+    return c
+
+
+class WSN(Method):
+    """WSN behind the comparison methods' interface (base.Method). Logs per task the capacity
+    used, the fraction of all WSN weights in M (WSN's "global sparsity"), and the fraction of
+    the task's mask that earlier tasks had already fixed."""
+    name = "wsn"
+    run_all_tasks = 20  # (beside Model Zoo and SupSup)
+    summary = "a mask per task over shared trained weights, the masked ones then frozen"
+    flags = {"--wsn-c": dict(type=kept_fraction, default=None,
+                             help="the fraction c of each layer's weights a task's mask keeps, "
+                                  "in (0, 1] [default: 0.5, the --sparsity default of WSN's "
+                                  "main_wsn_*.py, which is the kept fraction]")}
+    # WSN's scripts train with Adam at lr 1e-3 on PMNIST and CIFAR-100 (scripts/wsn/*.sh),
+    # without weight decay (decay would shrink the weights that finished tasks' masks use,
+    # which their zero gradient otherwise leaves as they are); its main_wsn_*.py default to
+    # --sparsity 0.5, the kept fraction c
+    gn = dict(lr=1e-3, wsn_c=0.5, optimizer=adam(0))
+    gg = dict(lr=1e-3, wsn_c=0.5, optimizer=adam(0))
     read_right_after = False  # every task is scored again at the end: its mask keeps it
     trunk_tasks = 0  # no task trains at --trunk-lr: all at --lr (run_gn's divergence message)
 
@@ -189,13 +193,10 @@ class WSN:
         """A fresh optimizer over every W and S and task t's head: moments left from an earlier
         task would keep moving the weights that task's mask uses, though their gradient is 0."""
         params = [p for m in self.layers for p in (m.weight, m.scores)]
-        self.opt = self.optimizer(params + baselines.task_parameters(self.model, t), self.lr)
+        self.opt = self.optimizer(params + task_parameters(self.model, t), self.lr)
         supsup.set_task(self.model, t)
         self.model.train()
         return self.opt
-
-    def train(self, batches, accum=1):
-        return supsup.train_steps(self.model, batches, self.opt, accum)
 
     def finish(self, t, batches):
         self.model.eval()
@@ -211,9 +212,8 @@ class WSN:
         masks = k * sum(m.bank.shape[1] for m in self.layers)
         weights = 4 * sum(m.union(k).sum().item() for m in self.layers)
         heads = 4 * sum(p.numel() for t in range(k)
-                        for p in baselines.task_parameters(self.model, t))
-        stats = sum(8 * n.num_features for m in self.model.modules()
-                    if isinstance(m, TaskBatchNorm) for n in m.norms[:k])
+                        for p in task_parameters(self.model, t))
+        stats = task_statistics_bytes(self.model, k)
         return masks + weights + heads + stats
 
     def state(self):
@@ -225,30 +225,3 @@ class WSN:
         for m in self.layers:
             m.consolidate(state["learned"])
         self.log = list(state["log"])
-
-
-def adam(params, lr):
-    """WSN's optimizer: Adam, no weight decay (decay would shrink the weights that finished
-    tasks' masks use, which their zero gradient otherwise leaves as they are)."""
-    return torch.optim.Adam(params, lr)
-
-
-# The harnesses' entries: WSN's scripts train with Adam at lr 1e-3 on PMNIST and CIFAR-100
-# (scripts/wsn/*.sh), and its main_wsn_*.py default to --sparsity 0.5, the kept fraction c.
-GN = {"wsn": (WSN, dict(lr=1e-3, wsn_c=0.5, optimizer=adam))}
-GG = {"wsn": (WSN, dict(lr=1e-3, wsn_c=0.5, optimizer=adam))}
-
-
-def kept_fraction(s):  # --wsn-c's type
-    c = positive_float(s)
-    if c > 1:
-        raise argparse.ArgumentTypeError(f"{s} is not a fraction in (0, 1]")
-    return c
-
-
-def add_args(p):
-    """WSN's own flag (both harnesses); its default comes from the tables above."""
-    p.add_argument("--wsn-c", type=kept_fraction, default=None,
-                   help="wsn: the fraction c of each layer's weights a task's mask keeps, in "
-                        "(0, 1] [default: 0.5, the --sparsity default of WSN's main_wsn_*.py, "
-                        "which is the kept fraction]")

@@ -1,4 +1,4 @@
-"""Tests of WSN (wsn.py): zero forgetting bit for bit, top-c masks, the masked and
+"""Tests of WSN (methods/wsn.py): zero forgetting bit for bit, top-c masks, the masked and
 straight-through gradients against hand formulas, bytes counted by hand, checkpoints, and both
 harnesses end to end."""
 import argparse
@@ -11,12 +11,13 @@ import torch
 import torch.nn as nn
 
 import gg_data
+import methods
+import methods.base
 import nets
 import plot
 import run_gg
 import run_gn
 import supsup
-import wsn
 from conftest import DEVICE, crash_then_resume, small_args, timeless, write_fake_mnist
 
 
@@ -24,7 +25,7 @@ def make(multi_head, net=None, tasks=3, lr=0.05, c=0.5):
     """WSN on a small MLP 6-8-3 (a head per task, or one shared output layer), fixed draws."""
     args = argparse.Namespace(tasks=tasks, seed=0, lr=lr, wsn_c=c)
     net = net or (lambda layers: nets.mlp([6, 8], 3, tasks, 0, layers=layers))
-    return wsn.WSN(net, args, wsn.adam, multi_head, lambda t, epoch: task_data(t))
+    return methods.WSN(net, args, methods.base.adam(0), multi_head, lambda t, epoch: task_data(t))
 
 
 def task_data(t, n=6, size=5):
@@ -75,11 +76,11 @@ def test_finished_tasks_keep_their_logits_and_weights_bit_for_bit(multi_head):
 
 def test_a_mask_keeps_the_round_c_n_largest_magnitudes():
     g = torch.Generator().manual_seed(0)
-    for layer, x, keep in ((wsn.WSNLinear(6, 8, 1, 0.35, g), torch.randn(2, 6, generator=g),
+    for layer, x, keep in ((methods.wsn.WSNLinear(6, 8, 1, 0.35, g), torch.randn(2, 6, generator=g),
                             17),  # 0.35 x 48 = 16.8: rounded, not floored
-                           (wsn.WSNConv2d(2, 3, 3, 1, 0.35, g),
+                           (methods.wsn.WSNConv2d(2, 3, 3, 1, 0.35, g),
                             torch.randn(2, 2, 4, 4, generator=g), 19),  # 0.35 x 54 = 18.9
-                           (wsn.WSNLinear(3, 1, 1, 0.01, g), torch.randn(2, 3, generator=g),
+                           (methods.wsn.WSNLinear(3, 1, 1, 0.01, g), torch.randn(2, 3, generator=g),
                             1)):  # 0.03: at least one
         assert layer.keep == keep
         n = layer.weight.numel()
@@ -92,12 +93,13 @@ def test_a_mask_keeps_the_round_c_n_largest_magnitudes():
         layer.finish_task()
         assert torch.equal(layer.stored_mask(0), expect) and torch.equal(layer.used, expect)
         assert torch.equal(layer.effective_weight(), torch.where(expect, layer.weight, 0.0))
-    assert wsn.kept_count(10, 0.25) == 2 and wsn.kept_count(10, 0.35) == 4  # 2.5: to even
+    # 2.5: to even
+    assert methods.wsn.kept_count(10, 0.25) == 2 and methods.wsn.kept_count(10, 0.35) == 4
 
 
 def test_weight_gradient_is_zero_where_earlier_masks_are_and_scores_go_straight_through():
     g = torch.Generator().manual_seed(3)
-    layer = wsn.WSNLinear(4, 3, 2, 0.5, g)  # N 12, keep 6
+    layer = methods.wsn.WSNLinear(4, 3, 2, 0.5, g)  # N 12, keep 6
     s0 = torch.tensor([[6., -5, 4, 3], [-2, 1, .1, .2], [.3, -.4, .5, .6]])
     s1 = torch.tensor([[.1, -.2, 7, .3], [-8, 9, .4, .5], [.6, 10, -11, .7]])
     with torch.no_grad():

@@ -1,0 +1,244 @@
+"""The fast paths: supsup.py's training step and task inference, computed faster, and in bf16
+where asked. Each function here gives what its plain counterpart in supsup.py gives (the tests
+check it: bit for bit in fp32 where noted, else to float rounding); docs/speed.md measures them.
+
+- train_steps: a threshold MLP training one task (GN, NNs) takes mlp_step, its backward
+  written out (no autograd graph); anything else, supsup.train_steps.
+- RMSprop: torch's update at its defaults in five in-place ops, bit for bit.
+- Inference: one-shot and binary task inference with every decision's alpha gradients from
+  one superposed backward pass, over masks kept unpacked between calls.
+
+bf16 (--precision bf16) rounds only the operands of the matrix products. The masked weights
+stay exact: W = c U with U = sign(W) (+-1 is exact in bf16, +-c is not), and a ReLU network
+without biases is positively homogeneous, so the product of the layers' c moves to the logits.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import supsup
+
+CHUNK = 2**26  # floats in one working chunk: unpacked masks, or per-decision gradients
+
+
+def constant(layer, dtype):
+    """The c of W = c U that the products in dtype leave out: 1 in fp32 (U = W itself)."""
+    return 1.0 if dtype == torch.float32 else float(layer.weight.abs().max())
+
+
+def unit(layer, dtype):
+    """(U, c) with W = c U: in fp32 W itself and 1; in bf16 W's signs, in bf16, and c."""
+    c = constant(layer, dtype)
+    return (layer.weight if c == 1 else layer.weight.sign().to(dtype)), c
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def threshold_mlp_layers(model):
+    """The masked layers of `model` if it is threshold-masked linear layers with ReLUs between
+    them, training one task's scores (nets.mlp in GN and NNs); else None."""
+    mods = list(model) if isinstance(model, nn.Sequential) else []
+    layers = mods[::2]
+    if len(mods) % 2 and all(isinstance(r, nn.ReLU) for r in mods[1::2]) and all(
+            isinstance(m, supsup.MaskedLinear) and m.density is None and m.superposed is None
+            and m.scores is not None and m.scores.dim() == 2 and m.task >= m.num_learned
+            for m in layers):
+        return layers
+    return None
+
+
+def mlp_units(layers, dtype):
+    """What mlp_step multiplies by: (per layer, the weights whose masked copies enter the
+    products and the factor of the scores' gradients; the factor of the logits). In fp32, W
+    itself and 1. In bf16, W's signs, the product C of the layers' c on the logits, and W C /
+    c_i on the gradients of layer i's scores (straight-through: grad * W, where the products
+    of the signs leave out C / c_i)."""
+    units = [unit(m, dtype) for m in layers]
+    C = math.prod(c for _, c in units)
+    factors = [m.weight * (C / c) for m, (_, c) in zip(layers, units)]
+    return ([u.float() for u, _ in units], factors), C
+
+
+@torch.no_grad()
+def mlp_step(layers, units, x, y, dtype=torch.float32):
+    """(loss, the scores' gradients) of threshold_mlp_layers on one batch, x [..., B, in] and
+    y [..., B], with the backward written out: in fp32 the ops autograd runs, in its order, so
+    the same numbers bit for bit, without recording a graph. In bf16 the eight matrix products
+    take bf16 operands; the logits, loss and gradients of the scores stay fp32. units:
+    mlp_units."""
+    (signs, grad_factors), logit_factor = units
+    inputs, weights, y = [x.reshape(-1, x.shape[-1]).to(dtype)], [], y.flatten()
+    for i, m in enumerate(layers):
+        # the mask written as floats directly: on a CPU a bool mask and its cast cost more
+        # than the product itself
+        mask = torch.ge(m.scores, 0, out=torch.empty_like(m.scores))
+        weights.append(mask.mul_(signs[i]).to(dtype))
+        out = torch.mm(inputs[-1], weights[-1].t())
+        inputs.append(out.relu_() if i < len(layers) - 1 else out)
+    logits = inputs[-1].float()
+    logp = (logits if logit_factor == 1 else logits.mul_(logit_factor)).log_softmax(1)
+    g = torch.zeros_like(logp).scatter_(1, y[:, None], -1 / len(y))  # d mean NLL / d logp
+    g = torch._log_softmax_backward_data(g, logp, 1, logp.dtype).to(dtype)
+    grads = [None] * len(layers)
+    for i in reversed(range(len(layers))):
+        grads[i] = torch.mm(g.t(), inputs[i]).float().mul_(grad_factors[i])  # STE: * W
+        if i:  # through the ReLU: autograd's own ReLU backward, no separate mask
+            g = torch.ops.aten.threshold_backward(torch.mm(g, weights[i]), inputs[i], 0)
+    return F.nll_loss(logp, y), grads
+
+
+def train_steps(model, batches, opt, dtype=torch.float32):
+    """supsup.train_steps: the same loss and steps (bit for bit in fp32), with mlp_step for a
+    threshold MLP training one task."""
+    layers = threshold_mlp_layers(model)
+    if layers is None:
+        return supsup.train_steps(model, batches, opt, dtype=dtype)
+    total, n, units = 0.0, 0, mlp_units(layers, dtype)
+    for x, y in batches:
+        loss, grads = mlp_step(layers, units, x, y, dtype)
+        for m, grad in zip(layers, grads):
+            m.scores.grad = grad
+        opt.step()
+        total, n = total + loss, n + 1
+    return float(total) / max(n, 1)
+
+
+class RMSprop(torch.optim.Optimizer):
+    """torch.optim.RMSprop's update at its defaults (no momentum, not centered), bit for bit,
+    in five in-place ops per tensor and without its step counters:
+    v = alpha v + (1 - alpha) g^2; p -= lr g / (sqrt(v) + eps)."""
+
+    def __init__(self, params, lr, alpha=0.99, eps=1e-8):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    v = self.state[p].setdefault("square_avg", torch.zeros_like(p))
+                    v.mul_(alpha).addcmul_(p.grad, p.grad, value=1 - alpha)
+                    p.addcdiv_(p.grad, v.sqrt().add_(eps), value=-lr)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+class UnpackedMasks:
+    """U * M_i of one layer's stored masks, [tasks, N] in dtype (times c: W * M_i), the terms
+    of the superposition. Task inference reads them again and again, so they are kept
+    unpacked (2 or 4 bytes a weight), and a row is unpacked again only when its bits differ
+    from the ones it was unpacked from (NNs retrains masks)."""
+
+    def __init__(self, layer, dtype):
+        self.layer, self.dtype, self.c = layer, dtype, constant(layer, dtype)
+        self.rows = torch.empty(len(layer.bank), layer.weight.numel(), dtype=dtype,
+                                device=layer.bank.device)
+        self.bits = torch.zeros_like(layer.bank)
+        self.valid = 0  # rows 0..valid-1 were unpacked once
+
+    def first(self, k):
+        """The rows of the first k stored masks, each up to date with the bank."""
+        bank, n = self.layer.bank, self.layer.weight.numel()
+        stale = (bank[:k] != self.bits[:k]).any(1)
+        stale[self.valid:] = True
+        stale = stale.nonzero().flatten()
+        if len(stale):  # (most calls: none)
+            u = unit(self.layer, self.dtype)[0].flatten()
+            size = max(1, CHUNK // n)
+            for lo in range(0, len(stale), size):
+                part = stale[lo:lo + size]
+                self.rows[part] = supsup.unpack(bank[part], n).to(self.dtype).mul_(u)
+            self.bits[stale] = bank[stale]
+        self.valid = max(self.valid, k)
+        return self.rows[:k]
+
+    def superpose(self, alphas):
+        """layer.superpose(alphas): W * sum_i alphas[..., i] M_i, fp32, [N] for alphas [k],
+        [D, N] for alphas [D, k]; the product in dtype."""
+        total = alphas.to(self.dtype) @ self.first(alphas.shape[-1])
+        return total if self.c == 1 else total.float().mul_(self.c)
+
+
+def decision_grads(layer, x, delta, out):
+    """dO_b/dW_eff = sum_r delta_r x_r^T of each decision b, [D, N], for the layer's inputs x
+    [D, R, ...] and output gradients delta [D, R, ...]; into out for a linear layer."""
+    if isinstance(layer, supsup.MaskedLinear):
+        out3 = out.view(len(x), *layer.weight.shape)
+        if x.shape[1] == 1:  # one image per decision: an outer product
+            return torch.mul(delta.transpose(1, 2), x, out=out3).flatten(1)
+        return torch.bmm(delta.transpose(1, 2), x, out=out3).flatten(1)
+    D = len(x)  # a conv: the decisions as groups (conv2d_weight has no out)
+    shape = (D * len(layer.weight), *layer.weight.shape[1:])
+    g = torch.nn.grad.conv2d_weight(x.transpose(0, 1).flatten(1, 2), shape,
+                                    delta.transpose(0, 1).flatten(1, 2), layer.stride,
+                                    layer.padding, groups=D)
+    return g.flatten().view(D, -1)
+
+
+def inputs_and_deltas(model, x, weights, superposed, objective):
+    """Per masked layer, (its input, d O / d its output) for decisions x [D, R, ...] under the
+    given superpositions; O = sum_b sum_r weights[b, r] objective(output of x[b, r])."""
+    layers, captured = supsup.masked_layers(model), {}
+    hooks = [m.register_forward_hook(lambda m, i, o: captured.update({m: (i[0], o)}))
+             for m in layers]
+    try:
+        with torch.enable_grad():
+            for m, s in zip(layers, superposed):
+                m.superposed = s.requires_grad_()  # puts the layer outputs in the graph
+            obj = (objective(model(x)) * weights).sum()
+            deltas = torch.autograd.grad(obj, [captured[m][1] for m in layers])
+    finally:
+        for m in layers:
+            m.superposed = None
+        for h in hooks:
+            h.remove()
+    return [(captured[m][0].detach(), d) for m, d in zip(layers, deltas)]
+
+
+class Inference:
+    """supsup.alpha_grads and supsup.infer_tasks for one model, batched, with matrix products
+    in dtype; keeps the model's masks unpacked between calls (UnpackedMasks)."""
+
+    def __init__(self, model, dtype=torch.float32):
+        self.model, self.dtype = model, dtype
+        self.masks = [UnpackedMasks(m, dtype) for m in supsup.masked_layers(model)]
+
+    def decision_chunk(self):
+        """How many decisions to push through at once: [chunk, N] of about CHUNK floats."""
+        return max(1, CHUNK // max(m.layer.weight.numel() for m in self.masks))
+
+    def alpha_grads(self, model, x, weights, alphas, objective):
+        """What supsup.alpha_grads gives (to float rounding), model being self.model: -> [D, k].
+
+        Layer by layer, dO_b/dalpha_i = <W * M_i, dO_b/dW_eff>: superposed forwards and
+        backwards, a chunk of decisions at a time, give each decision's dO_b/dW_eff =
+        sum_r delta_r x_r^T, which meets all the masked rows in one matrix product, in dtype
+        (bf16: the rows exact, the products rounded, the sum over layers fp32). Working
+        memory: the unpacked rows (kept) and a few CHUNKs of activations and gradients."""
+        k, step = alphas.shape[-1], self.decision_chunk()
+        rows = [m.first(k) for m in self.masks]
+        shared = [m.superpose(alphas) for m in self.masks] if alphas.dim() == 1 else None
+        bufs = [torch.empty(min(step, len(x)), m.layer.weight.numel(), dtype=self.dtype,
+                            device=x.device)
+                for m in self.masks]  # reused: a fresh 100 MB buffer costs ms in page faults
+        g = torch.zeros(len(x), k, device=x.device)
+        for i in range(0, len(x), step):
+            superposed = shared or [m.superpose(alphas[i:i + step]) for m in self.masks]
+            layer_io = inputs_and_deltas(self.model, x[i:i + step], weights[i:i + step],
+                                         superposed, objective)
+            for m, masked, buf, (inputs, deltas) in zip(self.masks, rows, bufs, layer_io):
+                grads = decision_grads(m.layer, inputs.to(self.dtype), deltas.to(self.dtype),
+                                       buf[:len(inputs)])
+                part = grads @ masked.T
+                g[i:i + len(grads)] += part if m.c == 1 else part.float().mul_(m.c)
+        return g
+
+    def infer_tasks(self, x, weights, objective, binary=False):
+        """supsup.infer_tasks with these alpha gradients. A round reads the unpacked masks
+        once for all decisions of the call: pass many."""
+        return supsup.infer_tasks(self.model, x, weights, objective, binary, self.alpha_grads)
