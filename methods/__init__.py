@@ -14,13 +14,14 @@ from .lower_bound import LowerBound
 from .modelzoo import ModelZoo
 from .psp import ParameterSuperposition
 from .separate_heads import SeparateHeads, SeparateHeadsRandW
+from .si import SI
 from .tag import TAG
 from .upper_bound import UpperBound
 from .wsn import WSN
 
 METHODS = (BatchEnsemble, BatchEnsembleRandW, SeparateHeads, SeparateHeadsRandW,
            ParameterSuperposition, UpperBound, LowerBound, EWC, ER, AGEM, TAG, BP, CBP, ModelZoo,
-           WSN)
+           WSN, SI)
 BY_NAME = {cls.name: cls for cls in METHODS}
 HARNESSES = ("gn", "gg")  # the settings' attributes: run_gn.py's, run_gg.py's
 
