@@ -56,7 +56,7 @@ def curves_of(a):
         if (a.get("epochs"), a.get("batch_size")) == (1, 10):  # TAG's protocol
             return [(f"tag_{a['dataset']}", a["method"])]
         return [(f"fig2_{a['dataset']}", a["method"])]
-    if a["infer"] == "hopfield":
+    if "gamma" in a:  # hopsupsup.py
         return [("fig7_hopsupsup", "HopSupSup")]
     method, model = a["method"], a["model"]
     label = (f"SupSup ({a['scenario']}, {'G' if a['objective'] == 'g' else 'H'})"
@@ -135,9 +135,9 @@ def read_csv(path, types):
     return rows
 
 
+# the arguments (and args.json entries) in which the runs of one curve may differ
 NOT_A_CURVE = ("seed", "data", "device", "out", "workers", "given", "torch", "device_name",
-               "started", "method_facts")  # arguments (and args.json entries) that runs of one
-# curve may differ in
+               "started", "method_facts")
 
 
 def read_runs(root):

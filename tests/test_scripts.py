@@ -105,7 +105,7 @@ def test_plot_draws_every_figure_and_the_table(tmp_path):
                        batch_size=10, seed=1, method_facts=dict(published={
                            "tag_splitcifar100": "62.79%"})), [(2, 0.5)])
     run("nns", dict(check_every=100, tasks=3), [(3, 0.5)])
-    run("hop", {**gn, "infer": "hopfield", "dataset": "splitmnist", "model": "bnnet"},
+    run("hop", vars(hopsupsup.get_parser().parse_args([])),  # its args.json, as it writes it
         [(2, 0.99)], "num_learned,task,step,layer,hamming\n2,0,1,0,5\n2,0,1,1,3\n2,0,2,0,0\n"
                      "2,0,2,1,0\n")
     run("bp", {**gn, "method": "bp", "infer": "given", "output_size": 10, "seed": 1,
