@@ -208,12 +208,15 @@ def learner(args, tasks):
     return SupSup(args, adam)
 
 
-def task_size(method, t, sizes):
+def task_size(method, t, sizes=None):
     """(bytes, paper_bytes) that learning task t added to what serving the tasks keeps, right
-    after it (sizes: the earlier tasks')."""
+    after it (sizes: the earlier tasks' in a full run; None for a task learned alone, whose
+    model counts the earlier tasks' untrained parts as the full run counted their trained
+    ones)."""
     if isinstance(method, SupSup):
         return method.task_bytes(t)
-    size = method.bytes(t + 1) - sum(s[0] for s in sizes)
+    before = method.bytes(t) if sizes is None else sum(s[0] for s in sizes)
+    size = method.bytes(t + 1) - before
     return size, size
 
 
@@ -405,7 +408,7 @@ def learn_alone(args, device, sub):
         harness.check_finite(loss, args.task, "--lr")
         state.update(learned=1, train_seconds=round(clock(), 2), density=density,
                      acc=accuracy(method.model, tasks, args.task, args),
-                     size=task_size(method, args.task, []))
+                     size=task_size(method, args.task))
         harness.save_tensors(os.path.join(sub, "model.pt"), task_state(method.model, args.task))
         harness.checkpoint(sub, state, clock, lambda out, state: None)
     print(f"[GG {args.method}] task {args.task + 1}/{args.tasks} alone  acc {state['acc']:.4f}"

@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,6 +237,40 @@ def test_gg_task_runs_refuse_other_flags_and_corrupt_checkpoints_and_read_little
     assert timeless(rows) == timeless(full)
     saved = load(os.path.join(out, "task2", "model.pt"))  # the task's own masks and statistics
     assert all(v.shape[0] == 1 for k, v in saved.items() if k.endswith("bank"))
+
+
+@pytest.mark.parametrize("method", run_gg.METHODS)
+def test_gg_task_merges_after_kills_give_the_full_runs_table_for_every_method(
+        tmp_path, capsys, monkeypatch, method):
+    folder = write_fake_mnist(str(tmp_path / "mnist"))
+    argv = ["--dataset", "splitmnist", "--data", folder, "--tasks", "2", "--epochs", "1",
+            "--device", DEVICE, "--method", method]
+    out = str(tmp_path / "tasks")
+    if method != "supsup" and not getattr(run_gg.COMPARISON_METHODS.get(method),
+                                          "independent_tasks", False):
+        fails(capsys, lambda: run_gg.main(argv + ["--task", "0", "--out", out]),
+              f"{method} builds on earlier tasks")
+        return
+    run_gg.main(argv + ["--out", str(tmp_path / "full")])
+    full = outputs(tmp_path / "full")
+    run_gg.main(argv + ["--task", "0", "--out", out])
+    fails(capsys, lambda: run_gg.main(argv + ["--task", "1", "--lr", "0.5", "--out", out]),
+          "other arguments (lr: ")  # a task of other flags is never merged
+    count = arm(monkeypatch, 0, False)
+    run_gg.main(argv + ["--task", "1", "--out", str(tmp_path / "count")])
+    monkeypatch.undo()
+    assert count["writes"] >= 3  # args.json, model.pt, ckpt.pt (the merge waits for task 0)
+    for k in range(1, count["writes"] + 1):
+        for torn in (True, False):
+            cut = str(tmp_path / f"cut{k}{'-torn' if torn else ''}")
+            shutil.copytree(os.path.join(out, "task0"), os.path.join(cut, "task0"))
+            arm(monkeypatch, k, torn)
+            with pytest.raises(Killed):
+                run_gg.main(argv + ["--task", "1", "--out", cut])
+            monkeypatch.undo()
+            for _ in range(2):  # the merge, and the finished merge run again
+                run_gg.main(argv + ["--task", "1", "--out", cut])
+                assert outputs(cut)["results.csv"] == full["results.csv"], (k, torn)
 
 
 def interrupted(monkeypatch, main, argv):
