@@ -170,7 +170,7 @@ def agreement(out, data_dir, device):
             *((f"task_acc_{p}", (d == truth).float().mean().item(), "") for p, d in picks.items())]
 
 
-def main(argv=None):
+def get_parser():
     p = harness.Parser(description="Speed and memory of SupSup on this machine.")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--agreement", metavar="RUN", default=None,
@@ -183,7 +183,14 @@ def main(argv=None):
     p.add_argument("--parallel", type=harness.positive_int, default=None,
                    help="tasks trained at once for lenet_parallel_speedup (default: 4 on CPU, "
                         "25 on CUDA)")
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
+    if args.data is not None and args.agreement is None:
+        p.error("--data names MNIST's folder for --agreement; pass --agreement RUN too")
     harness.keep_freed_memory()
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = []

@@ -10,6 +10,7 @@ live on the CPU (a run moves between devices), and a folder is resumed only by a
 defines the same run.
 """
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import io
@@ -17,9 +18,15 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import zlib
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -37,10 +44,13 @@ class UserError(Exception):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default; a None default means the help text itself names it."""
+    """Shows each flag's default (a None default means the help text itself names it), and
+    the range its type takes with the reason (the type's docstring), where it has one."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        text = action.help if action.default is None else super()._get_help_string(action)
+        doc = getattr(action.type, "__doc__", None)
+        return f"{text}; {doc[0].lower()}{doc[1:]}" if doc and action.help else text
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,7 +63,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _number(kind, s, ok, what):
+def number(kind, s, ok, what):
+    """A flag's value: s read as `kind`, refused ('s is not <what>') unless ok(value)."""
     try:
         v = kind(s)
     except (ValueError, OverflowError):
@@ -63,27 +74,56 @@ def _number(kind, s, ok, what):
     return v
 
 
+INT64_MAX = 2**63 - 1  # counts and sizes reach torch as int64
+
+
 def positive_int(s):
-    return _number(int, s, lambda v: v > 0, "a positive integer")
+    return number(int, s, lambda v: 0 < v <= INT64_MAX, "a positive integer (int64)")
 
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the runs compute in float32
 
 
 def positive_float(s):
-    return _number(float, s, lambda v: 0 < v <= FLOAT32_MAX, "a positive float32 number")
+    return number(float, s, lambda v: 0 < v <= FLOAT32_MAX, "a positive float32 number")
 
 
 def non_negative_int(s):
-    return _number(int, s, lambda v: v >= 0, "a non-negative integer")
+    return number(int, s, lambda v: 0 <= v <= INT64_MAX, "a non-negative integer (int64)")
 
 
 def non_negative_float(s):
-    return _number(float, s, lambda v: 0 <= v <= FLOAT32_MAX, "a non-negative float32 number")
+    return number(float, s, lambda v: 0 <= v <= FLOAT32_MAX, "a non-negative float32 number")
+
+
+LR_MAX = 1e4  # above the largest the runs use (HopSupSup's recovery, 500) by 20x
+
+
+def learning_rate(s):
+    """A step size in (0, 1e4]: far larger ones only overflow the parameters to inf."""
+    return number(float, s, lambda v: 0 < v <= LR_MAX, "a learning rate in (0, 1e4]")
+
+
+def fraction(s):
+    """A share, or a rate per unit and step, in [0, 1]."""
+    return number(float, s, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def decay(s):
+    """The decay of a moving average in [0, 1): at 1 it never forgets its start."""
+    return number(float, s, lambda v: 0 <= v < 1, "a decay in [0, 1)")
+
+
+STRENGTH_MAX = 1e12  # a penalty's weight: past it the loss is the penalty alone, near overflow
+
+
+def strength(s):
+    """The weight of a loss term in [0, 1e12], so that the loss stays finite in float32."""
+    return number(float, s, lambda v: 0 <= v <= STRENGTH_MAX, "a weight in [0, 1e12]")
 
 
 def seed(s):
-    return _number(int, s, lambda v: 0 <= v < 2**63, "a seed in 0..2^63-1")
+    return number(int, s, lambda v: 0 <= v < 2**63, "a seed in 0..2^63-1")
 
 
 def int_list(s):
@@ -204,15 +244,43 @@ def keep_freed_memory():
     libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap
 
 
+class Terminated(BaseException):
+    """SIGTERM (kill, Slurm's preemption) as an exception, the way Python makes SIGINT one."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
+def progress(args):
+    """Where an interrupted run stands, from its checkpoint: "after task k of n"."""
+    out = args.out if getattr(args, "task", None) is None else os.path.join(args.out,
+                                                                             f"task{args.task}")
+    state = load_tensors(os.path.join(out, "ckpt.pt"))
+    learned = state.get("learned", 0) if isinstance(state, dict) else 0
+    if getattr(args, "task", None) is not None:
+        return f"in task {args.task} alone" if not learned else f"after task {args.task} alone"
+    return f"after task {learned} of {args.tasks}" if learned else f"in task 1 of {args.tasks}"
+
+
 def run_or_exit(run, args, prog):
     """A run script's main: run(args) with freed memory kept; a UserError (bad input or
-    files) becomes one line on stderr and exit status 1."""
+    files) becomes one line on stderr and exit status 1; Ctrl-C (SIGINT) and SIGTERM one line
+    and 130 or 143, the shell's codes for them. The files are then as a kill leaves them:
+    the same command resumes."""
     keep_freed_memory()
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return run(args)
     except (UserError, data.DataError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"{prog}: interrupted {progress(args)}; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------- files
@@ -350,20 +418,56 @@ def same_run(old, new, volatile=VOLATILE):
     return diff
 
 
-def open_run(out, args, device, keys=("args",), outputs=("results.csv",), facts=None):
-    """Make the run folder; -> the state of its checkpoint if it holds one of these arguments
-    (None for a new run). A folder with outputs but no checkpoint is refused, never
-    overwritten; so are a checkpoint that is not this script's and one of another run. A new
-    run's args.json holds the arguments, the versions and device, and `facts` (a comparison
-    method's, for plot.py) if given."""
+def default_out(args, name, named):
+    """The default run folder: runs/<name> (a name made of the flags in `named`), followed, where
+    other flags that define the run were given other values than their defaults, by a short
+    hash of those (and of none, where runs/<name> holds a run of other flags), so that two runs
+    never share a default folder. A folder runs/<name> that already holds a run of these
+    flags (named before the hash was added) is resumed."""
+    def others(flags):  # the run-defining flags given that the name does not show, as JSON
+        return json.dumps({k: flags[k] for k in flags.get("given", [])
+                           if k not in VOLATILE and k not in named}, sort_keys=True, default=str)
+    folder, mine = os.path.join("runs", name), others(vars(args))
+    hashed = f"{folder}-{hashlib.sha256(mine.encode()).hexdigest()[:8]}"
+    try:
+        with open(os.path.join(folder, "args.json")) as f:
+            older = others(json.load(f))
+    except (OSError, ValueError, AttributeError):  # no such folder, or not a run's
+        older = "{}"
+    return folder if older == mine and not os.path.exists(hashed) else hashed
+
+
+@contextlib.contextmanager
+def locked(out, wait=False):
+    """Make the run folder out and hold it for this command: an exclusive flock on out/.lock,
+    which the kernel lets go when the process dies, however it dies. Another command on the
+    same folder meanwhile is refused in one line (wait: waits for it). Not on Windows (no
+    fcntl): there the folder is not held."""
     try:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, ".write-test"), "w"):
-            pass
-        os.remove(os.path.join(out, ".write-test"))
+        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UserError(f"cannot write to the run folder {out} ({e.strerror or e}); pass a "
                         "writable --out DIR") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise UserError(f"{out} is in use by another command running there; let it "
+                                "finish (the same command then resumes or reports the "
+                                "finished run), or pass another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def open_run(out, args, device, keys=("args",), outputs=("results.csv",), facts=None):
+    """-> the state of the checkpoint in the run folder (made and held by locked) if it holds
+    one of these arguments (None for a new run). A folder with outputs but no checkpoint is
+    refused, never overwritten; so are a checkpoint that is not this script's and one of
+    another run. A new run's args.json holds the arguments, the versions and device, and
+    `facts` (a comparison method's, for plot.py) if given."""
     path = os.path.join(out, "ckpt.pt")
     if not os.path.exists(path):
         found = [f for f in outputs if os.path.exists(os.path.join(out, f))]

@@ -21,7 +21,7 @@ import data
 import gn
 import harness
 import supsup
-from harness import positive_float, positive_int
+from harness import learning_rate, positive_int, strength
 
 LABEL = "GNu hopsupsup"  # its console lines, as run_gn.py labels a scenario and method
 
@@ -121,13 +121,13 @@ def get_parser():
     p.add_argument("--steps", type=positive_int, default=None,
                    help="training steps per task [default: one epoch of the task's data]")
     p.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
-    p.add_argument("--lr", type=positive_float, default=0.1,
+    p.add_argument("--lr", type=learning_rate, default=0.1,
                    help="SGD learning rate of the masks (momentum 0.9, weight decay 1e-4)")
     p.add_argument("--test-batch-size", type=positive_int, default=64,
                    help="test batch size: one recovery step each")
-    p.add_argument("--gamma", type=positive_float, default=1.5e-3,
+    p.add_argument("--gamma", type=strength, default=1.5e-3,
                    help="final weight of the Hopfield energy in the recovery loss")
-    p.add_argument("--recovery-lr", type=positive_float, default=500.0,
+    p.add_argument("--recovery-lr", type=learning_rate, default=500.0,
                    help="SGD learning rate of the mask recovery (momentum 0.9)")
     harness.add_common_args(p)
     return p
@@ -136,7 +136,8 @@ def get_parser():
 def resolve(args, parser):
     if args.tasks > 5:
         parser.error(f"--tasks {args.tasks}: SplitMNIST has 5 tasks")
-    args.out = args.out or os.path.join("runs", f"hopsupsup-T{args.tasks}-seed{args.seed}")
+    args.out = args.out or harness.default_out(args, f"hopsupsup-T{args.tasks}-seed{args.seed}",
+                                               ("tasks", "seed"))
     return args
 
 
@@ -207,38 +208,40 @@ def write_outputs(out, state):
 
 def run(args):
     device = harness.get_device(args.device)
-    state = harness.resume(args, device, dict(log=[], model=None),
-                           outputs=("results.csv", "hopfield.csv"))
-    if state["learned"]:
-        write_outputs(args.out, state)
-    if state["learned"] == args.tasks:
-        return harness.finished(state, gn.summary(LABEL, state["rows"], args.tasks), args.out)
-    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-    model = bnnet(10, args.tasks, args.seed).to(device)
-    if state["learned"]:
-        model.load_state_dict(state["model"])
-        for m in neuron_masks(model):
-            m.num_learned = state["learned"]
-        print(f"resuming {args.out} after task {state['learned']}")
-    clock = harness.Clock(state)
-    while state["learned"] < args.tasks:
-        t, t0 = state["learned"], clock()
-        loss = train_task(model, *split_task(train_x, train_y, t), t, args)
-        harness.check_finite(loss, t, "--lr")
-        print(f"[hopfield] task {t + 1}/{args.tasks}  loss {loss:.3f}  "
-              f"{clock() - t0:.1f}s", flush=True)
-        if t + 1 == args.tasks:
-            size = sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()  # mask bits, psi
-                       for m in neuron_masks(model))
-            for r in evaluate(model, test_x, test_y, args, state["log"]):
-                r.update(scenario="GNu", dataset="splitmnist", model="bnnet", method="hopsupsup",
-                         infer="hopfield", objective="entropy", seed=args.seed,
-                         num_learned=t + 1, train_seconds="", bytes=size, learned_acc="",
-                         seconds=round(clock(), 1))
-                state["rows"].append(r)
-        state.update(model=model.state_dict(), learned=t + 1)
-        harness.checkpoint(args.out, state, clock, write_outputs)
-    return harness.finished(state, gn.summary(LABEL, state["rows"], args.tasks), args.out, True)
+    with harness.locked(args.out):
+        state = harness.resume(args, device, dict(log=[], model=None),
+                               outputs=("results.csv", "hopfield.csv"))
+        if state["learned"]:
+            write_outputs(args.out, state)
+        if state["learned"] == args.tasks:
+            return harness.finished(state, gn.summary(LABEL, state["rows"], args.tasks), args.out)
+        train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+        model = bnnet(10, args.tasks, args.seed).to(device)
+        if state["learned"]:
+            model.load_state_dict(state["model"])
+            for m in neuron_masks(model):
+                m.num_learned = state["learned"]
+            print(f"resuming {args.out} after task {state['learned']}")
+        clock = harness.Clock(state)
+        while state["learned"] < args.tasks:
+            t, t0 = state["learned"], clock()
+            loss = train_task(model, *split_task(train_x, train_y, t), t, args)
+            harness.check_finite(loss, t, "--lr")
+            print(f"[hopfield] task {t + 1}/{args.tasks}  loss {loss:.3f}  "
+                  f"{clock() - t0:.1f}s", flush=True)
+            if t + 1 == args.tasks:
+                size = sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()  # mask bits, psi
+                           for m in neuron_masks(model))
+                for r in evaluate(model, test_x, test_y, args, state["log"]):
+                    r.update(scenario="GNu", dataset="splitmnist", model="bnnet",
+                             method="hopsupsup", infer="hopfield", objective="entropy",
+                             seed=args.seed,
+                             num_learned=t + 1, train_seconds="", bytes=size, learned_acc="",
+                             seconds=round(clock(), 1))
+                    state["rows"].append(r)
+            state.update(model=model.state_dict(), learned=t + 1)
+            harness.checkpoint(args.out, state, clock, write_outputs)
+        return harness.finished(state, gn.summary(LABEL, state["rows"], args.tasks), args.out, True)
 
 
 def main(argv=None):

@@ -344,12 +344,24 @@ def table(curves):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, as the run scripts' (harness.Parser, which imports
+    torch)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def get_parser():
+    p = Parser(description=__doc__.splitlines()[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="?", default="runs", help="folder holding the run folders")
     p.add_argument("--out", default="figures", help="where the PNGs and results.md go")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     curves = read_runs(args.runs)
     if not curves:
         print(f"plot.py: error: no run (args.json + results.csv) under {args.runs}; run "

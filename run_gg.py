@@ -28,7 +28,7 @@ import methods
 import nets
 import supsup
 from gg_data import DATASETS, IMAGE_NETS
-from harness import non_negative_float, non_negative_int, positive_float, positive_int
+from harness import fraction, learning_rate, non_negative_int, positive_float, positive_int
 
 PAPER = {  # the paper's settings (Sec. 4.1); SplitMNIST and PermutedMNIST are not in its GG
     "splitcifar100": dict(model="gemresnet18", tasks=20, epochs=250, batch_size=128, wd=1e-4,
@@ -68,13 +68,13 @@ def get_parser():
                    help="linear warmup epochs before the cosine [default: 0; splitimagenet 5]")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="training batch size [default: 128; splitimagenet 256]")
-    p.add_argument("--lr", type=positive_float, default=None,
+    p.add_argument("--lr", type=learning_rate, default=None,
                    help="Adam lr of a task's own parameters (scores, factors, head) [default: "
                         "supsup 1e-3, batche 0.1, separate-heads 0.01]")
-    p.add_argument("--trunk-lr", type=positive_float, default=1e-3,
+    p.add_argument("--trunk-lr", type=learning_rate, default=1e-3,
                    help="Adam lr of every parameter while the shared weights train "
                         "(batche, separate-heads on task 0; upper- and lower-bound)")
-    p.add_argument("--wd", type=non_negative_float, default=None,
+    p.add_argument("--wd", type=fraction, default=None,
                    help="Adam weight decay [default: 1e-4; splitimagenet 0]")
     p.add_argument("--accum-steps", type=positive_int, default=1,
                    help="split each batch into this many parts whose gradients add up before "
@@ -125,8 +125,9 @@ def resolve(args, parser):
         parser.error(f"--model {args.model} takes 28x28 MNIST images; {args.dataset} needs "
                      f"--model {' or '.join(IMAGE_NETS)}")
     name = args.method + (f"-s{args.sparsity:g}" if args.method.startswith("supsup") else "")
-    args.out = args.out or os.path.join("runs", "gg-{}-{}-{}-T{}-seed{}".format(
-        args.dataset, args.model, name, args.tasks, args.seed))
+    args.out = args.out or harness.default_out(args, "gg-{}-{}-{}-T{}-seed{}".format(
+        args.dataset, args.model, name, args.tasks, args.seed), (
+        "dataset", "model", "method", "sparsity", "tasks", "seed", "task"))  # (--task: one OUT)
     return args
 
 
@@ -326,38 +327,39 @@ def run(args):
     device = harness.get_device(args.device)
     if args.task is not None:
         return run_task(args, device)
-    state = harness.resume(args, device, dict(accs={}, sizes=[], train_seconds=[], method=None),
-                           facts=facts(args))
-    if state["learned"]:
-        write_outputs(args.out, state)
-    if state["learned"] == args.tasks:
-        return harness.finished(state, summary(state["rows"], args.tasks), args.out)
-    tasks, method, density = setup(args, device)
-    if state["learned"]:
-        for m in supsup.masked_layers(method.model):
-            m.num_learned = state["learned"]
-        method.load(state["method"])
-        print(f"resuming {args.out} after task {state['learned']}")
-    clock = harness.Clock(state)
-    while state["learned"] < args.tasks:
-        t0, began = state["learned"], clock()
-        n = min(args.parallel, args.tasks - t0)
-        loss = train_task(method, tasks, t0, args, n)
-        harness.check_finite(loss, t0, "--lr")
-        state["train_seconds"] += [round((clock() - began) / n, 2)] * n
-        for t in range(t0, t0 + n):
-            state["sizes"].append(task_size(method, t, state["sizes"]))
-            state["accs"][t] = accuracy(method.model, tasks, t, args)
-            scored = state["accs"]  # read right after: every task as right after its training
-            if t + 1 == args.tasks and not method.read_right_after:
-                scored = {i: accuracy(method.model, tasks, i, args) for i in range(args.tasks)}
-            state["rows"] += rows_at(args, t, scored, state["sizes"], state["train_seconds"],
-                                     density, round(clock(), 1))
-            print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
-                  f"{state['accs'][t]:.4f}  {state['train_seconds'][t]:.1f}s", flush=True)
-        state.update(method=method.state(), learned=t0 + n)
-        harness.checkpoint(args.out, state, clock, write_outputs)
-    return harness.finished(state, summary(state["rows"], args.tasks), args.out, True)
+    with harness.locked(args.out):
+        state = harness.resume(args, device, dict(accs={}, sizes=[], train_seconds=[], method=None),
+                               facts=facts(args))
+        if state["learned"]:
+            write_outputs(args.out, state)
+        if state["learned"] == args.tasks:
+            return harness.finished(state, summary(state["rows"], args.tasks), args.out)
+        tasks, method, density = setup(args, device)
+        if state["learned"]:
+            for m in supsup.masked_layers(method.model):
+                m.num_learned = state["learned"]
+            method.load(state["method"])
+            print(f"resuming {args.out} after task {state['learned']}")
+        clock = harness.Clock(state)
+        while state["learned"] < args.tasks:
+            t0, began = state["learned"], clock()
+            n = min(args.parallel, args.tasks - t0)
+            loss = train_task(method, tasks, t0, args, n)
+            harness.check_finite(loss, t0, "--lr")
+            state["train_seconds"] += [round((clock() - began) / n, 2)] * n
+            for t in range(t0, t0 + n):
+                state["sizes"].append(task_size(method, t, state["sizes"]))
+                state["accs"][t] = accuracy(method.model, tasks, t, args)
+                scored = state["accs"]  # read right after: every task as right after its training
+                if t + 1 == args.tasks and not method.read_right_after:
+                    scored = {i: accuracy(method.model, tasks, i, args) for i in range(args.tasks)}
+                state["rows"] += rows_at(args, t, scored, state["sizes"], state["train_seconds"],
+                                         density, round(clock(), 1))
+                print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
+                      f"{state['accs'][t]:.4f}  {state['train_seconds'][t]:.1f}s", flush=True)
+            state.update(method=method.state(), learned=t0 + n)
+            harness.checkpoint(args.out, state, clock, write_outputs)
+        return harness.finished(state, summary(state["rows"], args.tasks), args.out, True)
 
 
 def task_state(model, t):
@@ -389,8 +391,10 @@ def run_task(args, device):
     done = finished_tasks(args)  # (refuses tasks run with other flags before training one)
     sub = os.path.join(args.out, f"task{args.task}")
     if args.task not in done:
-        done[args.task] = learn_alone(args, device, sub)
-    return merge_tasks(args, done)
+        with harness.locked(sub):
+            done[args.task] = learn_alone(args, device, sub)
+    with harness.locked(args.out, wait=True):  # (two tasks may end at once)
+        return merge_tasks(args, finished_tasks(args))
 
 
 def learn_alone(args, device, sub):

@@ -23,7 +23,7 @@ import harness
 import methods
 import nets
 import supsup
-from harness import positive_float, positive_int
+from harness import learning_rate, positive_int
 from nets import NETS
 
 PAPER = {  # the paper's settings per data set (Sec. 4.2)
@@ -70,10 +70,10 @@ def get_parser():
     p.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
     p.add_argument("--test-batch-size", type=positive_int, default=128,
                    help="test batch size; each test batch gets one task decision")
-    p.add_argument("--lr", type=positive_float, default=None,
+    p.add_argument("--lr", type=learning_rate, default=None,
                    help="learning rate [default: SupSup's RMSprop 1e-4; batche's factors 1e-2; "
                         "the others: --trunk-lr]")
-    p.add_argument("--trunk-lr", type=positive_float, default=None,
+    p.add_argument("--trunk-lr", type=learning_rate, default=None,
                    help="comparison methods: lr while the shared weights train (batche: task "
                         "0, with its factors; psp and the bounds: every task) [default: 1e-4]")
     p.add_argument("--parallel", type=positive_int, default=1,
@@ -119,9 +119,11 @@ def resolve(args, parser):
         parser.error(f"--infer-examples {args.infer_examples} exceeds --test-batch-size "
                      f"{args.test_batch_size}")
     args.eval_at = sorted({k for k in args.eval_at if k < args.tasks} | {args.tasks})
-    args.out = args.out or os.path.join("runs", "gn-{}-{}-{}-{}{}-{}-{}-T{}-seed{}{}".format(
+    args.out = args.out or harness.default_out(args, "gn-{}-{}-{}-{}{}-{}-{}-T{}-seed{}{}".format(
         args.method, args.scenario, args.dataset, args.model, args.output_size, args.infer,
-        args.objective, args.tasks, args.seed, "-validation" * args.validation))
+        args.objective, args.tasks, args.seed, "-validation" * args.validation), (
+        "method", "scenario", "dataset", "model", "output_size", "infer", "objective", "tasks",
+        "seed", "validation"))
     return args
 
 
@@ -165,13 +167,15 @@ def run(args):
     if args.method in COMPARISON_METHODS:
         harness.ensure_fits(4 * (4 * weights + 3 * args.tasks * units), device,
                             f"--tasks {args.tasks} of {args.method} on {args.model}")
-        return run_comparison(args, device)
+        with harness.locked(args.out):
+            return run_comparison(args, device)
     dtype = harness.precision_dtype(args, device)
     harness.ensure_fits(args.tasks * weights * (1 / 8 + dtype.itemsize)  # bits, unpacked
                         + 4 * (2 + args.parallel) * weights,
                         device, f"the masks of --tasks {args.tasks} on {args.model} with "
                                 f"--output-size {args.output_size}")
-    return run_supsup(args, device, dtype)
+    with harness.locked(args.out):
+        return run_supsup(args, device, dtype)
 
 
 def run_supsup(args, device, dtype):

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import supsup
-from harness import UserError, non_negative_int
+from harness import UserError, number
 from supsup import TaskBatchNorm
 
 # --------------------------------------------------------------------------- dense layers
@@ -154,7 +154,13 @@ def nesterov_sgd(params, lr):
 # A flag several methods take is declared once, here; the registry adds it once, its help led
 # by the names of the methods that take it.
 
-MEMORY = dict(type=non_negative_int, default=None,
+def examples_per_class(s):
+    """At most 10,000: no class of the data sets has more training examples (MNIST's most,
+    6,742; CIFAR-100's, 500)."""
+    return number(int, s, lambda n: 0 <= n <= 10_000, "a count in 0..10000")
+
+
+MEMORY = dict(type=examples_per_class, default=None,
               help="examples kept per class [default: 1, TAG's]")
 
 # ---------------------------------------------------------------------------------- method

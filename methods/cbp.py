@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from harness import non_negative_float, non_negative_int
+from harness import decay, fraction, non_negative_int
 
 from .base import FineTune, sgd
 
@@ -24,12 +24,12 @@ class CBP(FineTune):
     summary = "continual backpropagation: the least useful hidden units reinitialised"
     plasticity = True
     flags = {
-        "--replacement-rate": dict(type=non_negative_float, default=None,
+        "--replacement-rate": dict(type=fraction, default=None,
                                    help="units replaced per mature unit and step [default: "
                                         "1e-4, LoP's]"),
         "--maturity": dict(type=non_negative_int, default=None,
                            help="steps before a unit may be replaced [default: 100, LoP's]"),
-        "--decay": dict(type=non_negative_float, default=None,
+        "--decay": dict(type=decay, default=None,
                         help="decay of the utility's moving average [default: 0.99, LoP's]"),
     }
     # SGD, no momentum and no weight decay, as in LoP's permuted-MNIST experiment, at the

@@ -2,6 +2,8 @@
 (base.FineTune)."""
 import torch
 
+from harness import ensure_fits
+
 from .base import MEMORY, FineTune, example_bytes, sgd
 
 
@@ -35,6 +37,8 @@ class ER(FineTune):
     def observe(self, x, y):
         if self.memory is None:  # a class is one of the head's outputs, in every task
             size = self.per_class * self.num_tasks * self.outputs
+            ensure_fits(size * x[0].numel() * x.element_size(), x.device,
+                        f"--memory {self.per_class}: a reservoir of {size:,} examples")
             self.memory = (x.new_zeros(size, *x.shape[1:]), y.new_zeros(size),
                            y.new_zeros(size))
         size, start = len(self.memory[0]), self.seen

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from harness import non_negative_float
+from harness import strength
 
 from .base import FineTune, one_task, sgd
 
@@ -15,7 +15,7 @@ class EWC(FineTune):
     after the last task; gradients clipped at norm 100, as TAG's."""
     name = "ewc"
     summary = "a quadratic penalty weighted by the diagonal Fisher"
-    flags = {"--ewc-lambda": dict(type=non_negative_float, default=None,
+    flags = {"--ewc-lambda": dict(type=strength, default=None,
                                   help="weight of the penalty [default: GN 10, GG 1]")}
     # run_gn.py: nothing is published for 1000 steps of 128 a task: the choice of a grid on a
     # validation split (docs/results.md)

@@ -15,7 +15,7 @@ takes relu of the accumulated Omega; the paper's equations do not).
 """
 import torch
 
-from harness import non_negative_float, positive_float
+from harness import positive_float, strength
 
 from .base import FineTune, adam
 
@@ -27,7 +27,7 @@ class SI(FineTune):
     name = "si"
     summary = "Synaptic Intelligence: a penalty weighted by path-integral importance"
     flags = {
-        "--si-c": dict(type=non_negative_float, default=None,
+        "--si-c": dict(type=strength, default=None,
                        help="strength c of the penalty [default: GN 0.1 (the paper's permuted "
                             "MNIST), GG 1 (its split MNIST)]"),
         "--si-xi": dict(type=positive_float, default=None,

@@ -3,7 +3,7 @@ method."""
 import torch
 
 import supsup
-from harness import positive_float
+from harness import number
 
 from .base import FineTune
 
@@ -61,6 +61,11 @@ class TAGRMSprop(torch.optim.Optimizer):
         self.steps += 1
 
 
+def relatedness_b(s):
+    """b in (0, 80]: with r in [-1, 1], exp(-b r) stays finite in float32 (to b = 88)."""
+    return number(float, s, lambda b: 0 < b <= 80, "a b in (0, 80]")
+
+
 class TAG(FineTune):
     """TAG-RMSProp: one optimizer for the whole run (its per-task moments are the method),
     --tag-b the b of the alphas; logs each task's mean alphas (diagnostics.csv). Its settings'
@@ -68,7 +73,7 @@ class TAG(FineTune):
     name = "tag"
     summary = "TAG-RMSProp: per-task moments weighted by the tasks' relatedness"
     published = {"tag_splitcifar100": "62.79% (TAG-RMSProp; TAG's split, network and data)"}
-    flags = {"--tag-b": dict(type=positive_float, default=None,
+    flags = {"--tag-b": dict(type=relatedness_b, default=None,
                              help="the b of the relatedness weights exp(-b r) [default: 5, "
                                   "TAG's]")}
     # run_gn.py: nothing is published for 1000 steps of 128 a task: the choice of a grid on a

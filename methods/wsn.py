@@ -19,14 +19,13 @@ best-epoch restore or lr halving on plateau); the kept count is round(c n), wher
 percentile keeps n - round((1 - c)(n - 1)) (the same at c = 0.5 and even n, else often one
 more); m_t is the top-c of |S| when the task ends (WSN keeps its last training forward's mask).
 """
-import argparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import supsup
-from harness import positive_float
+from harness import number
 from supsup import StraightThrough, TaskBatchNorm, pack, unpack
 
 from .base import (Method, TaskHeads, adam, dense_init, task_parameters,
@@ -158,10 +157,7 @@ class WSNLayers:
 
 
 def kept_fraction(s):  # --wsn-c's type
-    c = positive_float(s)
-    if c > 1:
-        raise argparse.ArgumentTypeError(f"{s} is not a fraction in (0, 1]")
-    return c
+    return number(float, s, lambda c: 0 < c <= 1, "a fraction in (0, 1]")
 
 
 class WSN(Method):

@@ -30,7 +30,7 @@ import run_gg
 import run_gn
 import run_nns
 import supsup
-from conftest import DEVICE, ROOT, timeless, write_fake_mnist, write_idx
+from conftest import DEVICE, ROOT, Killed, timeless, write_fake_mnist, write_idx
 
 
 def gn_args(folder, *extra):
@@ -86,10 +86,6 @@ def outputs(out):
 
 
 # --------------------------------------------------------------------- kills at every write
-
-
-class Killed(BaseException):
-    """A SIGKILL as the run sees it: nothing after it runs (not even `except Exception`)."""
 
 
 def arm(monkeypatch, k, torn):
@@ -159,6 +155,46 @@ def test_sigkill_the_moment_results_csv_appears_then_the_same_command(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert timeless(run_gn.main(argv + ["--out", str(out)])) == timeless(full)
+    assert outputs(out) == outputs(tmp_path / "full")
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_mid_run_one_line_then_the_same_command(tmp_path, signum, code):
+    folder = write_fake_mnist(str(tmp_path / "mnist"))
+    argv = gn_args(folder, "--steps", "100", "--eval-at", "1,2")
+    full = run_gn.main(argv + ["--out", str(tmp_path / "full")])
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_gn.py"), *argv, "--out",
+                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    while not (out / "ckpt.pt").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signum)  # in task 2 (or writing task 1's files)
+    err = proc.communicate()[1]
+    assert proc.returncode == code and err.count("\n") == 1, err
+    assert "interrupted after task 1 of 3; rerun the same command to resume" in err, err
+    assert timeless(run_gn.main(argv + ["--out", str(out)])) == timeless(full)
+    assert outputs(out) == outputs(tmp_path / "full")
+
+
+def test_the_same_command_twice_at_once_on_one_folder(tmp_path, capsys):
+    folder = write_fake_mnist(str(tmp_path / "mnist"))
+    argv = gn_args(folder, "--steps", "100")
+    run_gn.main(argv + ["--out", str(tmp_path / "full")])
+    out = str(tmp_path / "twice")
+    with harness.locked(out):  # a command running there
+        fails(capsys, lambda: run_gn.main(argv + ["--out", out]), "in use by another command")
+    assert os.listdir(out) == [".lock"]  # the refused one wrote nothing
+    command = [sys.executable, os.path.join(ROOT, "run_gn.py"), *argv, "--out", out]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    said = [p.communicate() for p in procs]  # (stdout, stderr) each
+    codes = sorted(p.returncode for p in procs)
+    refused = [err for p, (_, err) in zip(procs, said) if p.returncode == 1]
+    assert codes in ([0, 0], [0, 1]), said
+    assert all(e.count("\n") == 1 and "is in use by another command" in e for e in refused)
+    if not refused:  # the second started after the first had finished: it says so
+        assert sum("(finished; " in o for o, _ in said) == 1, said
     assert outputs(out) == outputs(tmp_path / "full")
 
 
@@ -288,6 +324,27 @@ def interrupted(monkeypatch, main, argv):
     return harness.load_tensors(os.path.join(argv[argv.index("--out") + 1], "ckpt.pt"))
 
 
+def test_default_run_folders_differ_for_runs_that_differ_and_an_older_one_resumes(
+        tmp_path, capsys, monkeypatch):
+    folder = write_fake_mnist(str(tmp_path / "mnist"))
+    monkeypatch.chdir(tmp_path)
+    run_gn.main(gn_args(folder, "--steps", "10"))
+    run_gn.main(gn_args(folder, "--steps", "20"))  # was refused: the first one's folder
+    gn_runs = sorted(os.listdir("runs"))
+    assert len(gn_runs) == 2 and gn_runs[0][:-9] == gn_runs[1][:-9]  # name + "-" + 8 hex
+    hop = ["--data", folder, "--tasks", "2", "--device", DEVICE]
+    plain = os.path.join("runs", "hopsupsup-T2-seed1")
+    hopsupsup.main(hop + ["--steps", "2"])
+    capsys.readouterr()
+    hashed = [f for f in os.listdir("runs") if f.startswith("hopsupsup")]
+    os.rename(os.path.join("runs", hashed[0]), plain)  # as the name scheme before the hash
+    hopsupsup.main(hop + ["--steps", "2"])  # resumes the older folder
+    assert f"(finished; {plain})" in capsys.readouterr().out
+    hopsupsup.main(hop)  # no other flag: the plain name, which holds another run: a hash
+    assert f"results in {plain}-" in capsys.readouterr().out
+    assert len([f for f in os.listdir("runs") if f.startswith("hopsupsup")]) == 2
+
+
 def test_resume_compares_only_the_arguments_that_define_the_run(tmp_path, capsys, monkeypatch):
     folder = write_fake_mnist(str(tmp_path / "mnist"))
     out = str(tmp_path / "run")
@@ -332,8 +389,8 @@ def test_checkpoints_saved_on_another_device_resume_here(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("main, argv, code, text", [
-    (run_gn.main, ["--lr", "inf"], 2, "--lr: inf is not a positive float32"),
-    (run_gn.main, ["--lr", "1e308"], 2, "--lr: 1e308 is not a positive float32"),
+    (run_gn.main, ["--lr", "inf"], 2, "--lr: inf is not a learning rate in (0, 1e4]"),
+    (run_gn.main, ["--lr", "1e308"], 2, "--lr: 1e308 is not a learning rate"),
     (run_gn.main, ["--gamma", "inf"], 2, "--gamma"),
     (run_gn.main, ["--seed", "-1"], 2, "--seed"),
     (run_gg.main, ["--seed", "99999999999999999999999"], 2, "--seed"),
