@@ -253,13 +253,13 @@ def terminate(signum, frame):
 
 
 def progress(args):
-    """Where an interrupted run stands, from its checkpoint: "after task k of n"."""
+    """Where an interrupted run stands, from its checkpoint: "after task k of n" (k saved)."""
     out = args.out if getattr(args, "task", None) is None else os.path.join(args.out,
                                                                              f"task{args.task}")
     state = load_tensors(os.path.join(out, "ckpt.pt"))
     learned = state.get("learned", 0) if isinstance(state, dict) else 0
-    if getattr(args, "task", None) is not None:
-        return f"in task {args.task} alone" if not learned else f"after task {args.task} alone"
+    if getattr(args, "task", None) is not None:  # run_gg.py --task i
+        return f"{'after' if learned else 'in'} --task {args.task}"
     return f"after task {learned} of {args.tasks}" if learned else f"in task 1 of {args.tasks}"
 
 
