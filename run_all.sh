@@ -7,8 +7,10 @@
 #   DRY_RUN=1 bash run_all.sh               # print the lanes and the queue, run nothing
 #   LIST=1 bash run_all.sh | parallel -j 4 'CUDA_VISIBLE_DEVICES=$(({%} - 1)) bash -c {}'
 #                                           # one command per line: GNU parallel (job slot k on
-#                                           # GPU k-1), or a Slurm array
+#                                           # GPU k-1) or another scheduler
 #   ONLY=fig3 bash run_all.sh               # only the runs whose name matches (grep -E)
+#   SLURM=1 bash run_all.sh                 # one Slurm job array, a run per task (below)
+#   STATUS=1 bash run_all.sh                # which runs are done, running, queued, failed
 #   python plot.py runs --out figures       # then the figures and the table
 #
 # Knobs: GPUS (comma list; empty: one CPU lane), SEEDS (default 0 1 2 3 4; QUICK: 1 2), DATA
@@ -18,6 +20,15 @@
 # order. Every run writes OUT/NAME/ with its own log.txt; a finished run is skipped, an
 # interrupted one resumes (the scripts resume from their checkpoints). The script waits for
 # every lane and exits 1 naming the runs that failed.
+#
+# SLURM=1 submits the selected runs that are neither done nor queued as one job array
+# (slurm_job.sh: a run per array task, its output in OUT/NAME/log.txt), after the data are in
+# place, with --requeue, and then a job that writes OUT/status.txt and the figures once the
+# array has ended. Resources per run: SLURM_GPUS (default 1 where sinfo lists a GPU, else 0;
+# --gres=gpu:N), SLURM_CPUS (4), SLURM_MEM (16G), SLURM_TIME (24:00:00), and SLURM_MAX runs
+# at once (20); SBATCH_EXTRA adds sbatch options (e.g. "--partition=gpu --account=lab
+# --qos=normal"). A preempted, requeued or timed-out run resumes from its checkpoint; the same
+# command submits what is left.
 set -u
 cd "$(dirname "$0")"
 GPUS=${GPUS-}
@@ -30,6 +41,8 @@ OUT=${OUT:-runs}
 DRY_RUN=${DRY_RUN:-0}
 LIST=${LIST:-0}
 ONLY=${ONLY:-}
+SLURM=${SLURM:-0}
+STATUS=${STATUS:-0}
 
 CIFAR=$DATA
 GG="" IN="" GN="" GN2500="" NNS="" ROT="" HOP="" GN20="--tasks 20"
@@ -161,6 +174,47 @@ if [ "$LIST" = 1 ]; then
     for line in "${LINES[@]}"; do printf '%s\n' "${line#*$'\t'}"; done
     exit 0
 fi
+queued() {  # the runs of our earlier arrays that Slurm still holds: NAME STATE per line
+    local job_file job list
+    for job_file in "$OUT"/.slurm/*.job; do
+        [ -f "$job_file" ] || continue
+        job=$(< "$job_file") list=${job_file%.job}
+        squeue -h -r -j "$job" -o '%K %T' 2> /dev/null | while read -r task state; do
+            printf '%s %s\n' "$(sed -n "${task}p" "$list" | cut -f1)" "$state"
+        done
+    done
+}
+if [ "$STATUS" = 1 ]; then  # reads the run folders (and Slurm's queue), changes nothing
+    held=$(command -v squeue > /dev/null && queued)
+    declare -A count=()
+    for line in "${LINES[@]}"; do
+        name=${line%%$'\t'*} dir=$OUT/${line%%$'\t'*}
+        if [ -f "$dir/.done" ]; then
+            state=done
+        elif [ -f "$dir/.lock" ] && ! flock -n "$dir/.lock" true 2> /dev/null; then
+            state=running
+        elif state=$(awk -v n="$name" '$1 == n {print tolower($2); exit}' <<< "$held") &&
+                [ -n "$state" ]; then
+            :  # pending, or running on a node whose lock this machine cannot see
+        elif [ -f "$dir/log.txt" ]; then
+            state=failed
+        else
+            state=missing
+        fi
+        count[$state]=$(( ${count[$state]:-0} + 1 ))
+        case $state in
+            done) ;;
+            failed) printf '%-8s %s: %s\n' "$state" "$name" "$(tail -n 1 "$dir/log.txt")" ;;
+            *) printf '%-8s %s\n' "$state" "$name" ;;
+        esac
+    done
+    summary=""
+    for state in done running pending failed missing "${!count[@]}"; do
+        [ -n "${count[$state]:-}" ] && summary+="${count[$state]} $state, " && unset "count[$state]"
+    done
+    echo "${#LINES[@]} runs in $OUT: ${summary%, }"
+    exit 0
+fi
 IFS=, read -r -a LANES <<< "$GPUS"
 [ ${#LANES[@]} -eq 0 ] && LANES=(cpu)
 if [ "$DRY_RUN" = 1 ]; then  # nothing is created, deleted or run
@@ -183,6 +237,47 @@ if [ "$QUICK" != 1 ] && grep -q splitcifar100 <<< "$names"; then
 fi
 
 mkdir -p "$OUT"
+if [ "$SLURM" = 1 ]; then
+    mkdir -p "$OUT/.slurm"
+    held=$(queued | cut -d' ' -f1)
+    list=$(mktemp "$OUT/.slurm/runs.XXXXXX")  # NAME<TAB>COMMAND, a line per array task
+    for line in "${LINES[@]}"; do
+        name=${line%%$'\t'*}
+        [ -f "$OUT/$name/.done" ] || grep -qxF "$name" <<< "$held" || printf '%s\n' "$line"
+    done > "$list"
+    n=$(wc -l < "$list")
+    if [ "$n" -eq 0 ]; then
+        rm -f "$list"
+        echo "nothing to submit: the ${#LINES[@]} runs are done or queued (STATUS=1 bash run_all.sh)"
+        exit 0
+    fi
+    if [ -z "${SLURM_GPUS:-}" ]; then  # one GPU a run where the cluster has GPUs
+        sinfo -h -o '%G' 2> /dev/null | grep -q gpu && SLURM_GPUS=1 || SLURM_GPUS=0
+    fi
+    gres=() && [ "$SLURM_GPUS" != 0 ] && gres=(--gres="gpu:$SLURM_GPUS")
+    # shellcheck disable=SC2086  # SBATCH_EXTRA: options, split on spaces
+    if ! job=$(sbatch --parsable --job-name=supsup --array="1-$n%${SLURM_MAX:-20}" --requeue \
+            --cpus-per-task="${SLURM_CPUS:-4}" --mem="${SLURM_MEM:-16G}" \
+            --time="${SLURM_TIME:-24:00:00}" "${gres[@]}" --output="$OUT/.slurm/%A_%a.out" \
+            ${SBATCH_EXTRA:-} slurm_job.sh "$list" "$OUT"); then
+        rm -f "$list"
+        echo "run_all.sh: sbatch refused the array (its message above); nothing was submitted" >&2
+        exit 1
+    fi
+    job=${job%%;*}  # (--parsable: JOBID[;CLUSTER])
+    echo "$job" > "$list.job"
+    # then, whatever became of the runs: the summary and the figures (same knobs: the job
+    # gets this environment)
+    printf -v after 'STATUS=1 bash run_all.sh > %q; python plot.py %q --out %q' \
+        "$OUT/status.txt" "$OUT" "$OUT/figures"
+    # shellcheck disable=SC2086
+    sbatch --parsable --job-name=supsup-status --dependency="afterany:$job" --cpus-per-task=1 \
+        --mem=4G --output="$OUT/.slurm/%j.out" ${SBATCH_EXTRA:-} --wrap "$after" > /dev/null
+    echo "submitted $n runs as job array $job (at most ${SLURM_MAX:-20} at once, ${SLURM_GPUS} GPU(s)," \
+        "${SLURM_CPUS:-4} CPUs, ${SLURM_MEM:-16G} each); logs: $OUT/NAME/log.txt; progress:" \
+        "STATUS=1 bash run_all.sh; when it ends: $OUT/status.txt and $OUT/figures"
+    exit 0
+fi
 QUEUE=$(mktemp -d "$OUT/.queue.XXXXXX")  # run i is claimed by the lane that makes QUEUE/i
 trap 'rm -rf "$QUEUE"' EXIT
 rm -f "$OUT/.failed"

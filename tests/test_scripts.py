@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import gg_data
+import harness
 import hopsupsup
 import run_gg
 import run_gn
@@ -70,6 +71,23 @@ def test_run_all_lanes_share_one_queue_and_quote_their_folders(tmp_path):
         assert "learned 3" in (out / name / "log.txt").read_text()
     assert sorted(os.listdir(out)) == sorted(  # no queue left, the old failure list gone
         taken + ["fig3-permuted-lenet-psp-seed1", "synthetic"])
+
+
+def test_run_all_status_says_what_became_of_each_run(tmp_path):
+    out = tmp_path / "my runs"
+    names = ["fig3-permuted-lenet-batche-seed1", "fig3-permuted-lenet-psp-seed1",
+             "fig3-permuted-lenet-upper-bound-seed1", "fig3-permuted-lenet-lower-bound-seed1"]
+    for name in names[:3]:
+        os.makedirs(out / name)
+    (out / names[0] / ".done").touch()
+    (out / names[1] / "log.txt").write_text("[GNu] task 1/3\nrun_gn.py: error: diverged\n")
+    with harness.locked(str(out / names[2])):  # a command running there
+        lines = run_all(STATUS="1", SEEDS="1", OUT=str(out),
+                        ONLY="fig3-permuted-lenet-(batche|psp|upper-bound|lower-bound)")
+    assert lines == [f"failed   {names[1]}: run_gn.py: error: diverged",
+                     f"running  {names[2]}", f"missing  {names[3]}",
+                     f"4 runs in {out}: 1 done, 1 running, 1 failed, 1 missing"]
+    assert sorted(os.listdir(out)) == sorted(names[:3])  # it changed nothing
 
 
 def test_plot_draws_every_figure_and_the_table(tmp_path):
