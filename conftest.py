@@ -21,9 +21,11 @@ import supsup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository: its scripts, run_all.sh
 DEVICE = os.environ.get("SUPSUP_TEST_DEVICE", "cpu")  # where the tests' runs run
-MNIST = os.environ.get("MNIST_DIR", os.path.join(ROOT, "..", "shared", "data", "mnist"))
+# real MNIST: $MNIST_DIR, else the data/ folder the quick start's first run downloads into
+MNIST = os.environ.get("MNIST_DIR", os.path.join(ROOT, "data"))
 needs_mnist = pytest.mark.skipif(data.find_mnist(MNIST) is None,
-                                 reason=f"real MNIST idx files not found in {MNIST}")
+                                 reason=f"real MNIST idx files not found in {MNIST} (set "
+                                        "MNIST_DIR, or run python run_gn.py --tasks 5 once)")
 
 
 def learned_model(net, k, seed=0):
