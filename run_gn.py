@@ -203,6 +203,7 @@ def run_supsup(args, device, dtype):
         harness.read_masks(masks_file, model, state["crcs"])
         print(f"resuming {args.out} after task {state['learned']}")
     clock = harness.Clock(state)
+    session = clock(), state["learned"]  # the ETA counts this session's tasks and seconds
     while state["learned"] < args.tasks:
         t, began = state["learned"], clock()
         stop = min([t + args.parallel] + [e for e in args.eval_at if e > t])
@@ -217,7 +218,7 @@ def run_supsup(args, device, dtype):
             supsup.set_task(model, i)
             state["hits"][i] = tests.hits(model, i).cpu()
             state["accs"][i] = state["hits"][i].sum().item() / len(test_y)  # as evaluate's
-            per_task = clock() / (i + 1)
+            per_task = (clock() - session[0]) / (i + 1 - session[1])
             print(f"[{args.scenario}] task {i + 1}/{args.tasks}  loss {loss:.3f}  acc "
                   f"{state['accs'][i]:.4f}  {per_task:.1f}s/task  eta "
                   f"{per_task * (args.tasks - i - 1) / 60:.0f}m", flush=True)
