@@ -37,7 +37,10 @@ def download(name, root, fetch, fix):
     try:
         fetch()
     except Exception as e:  # no network, a bad checksum, a folder we cannot write
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        # torchvision's message is a line "Error downloading F:", then each mirror's error:
+        # the first line and the last error say what and why
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = " ".join(dict.fromkeys(lines[:1] + lines[-1:])) or type(e).__name__
         raise DataError(f"{name} is not in {root} and downloading it failed ({reason}); "
                         f"{fix}") from None
 

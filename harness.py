@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -442,7 +443,9 @@ def locked(out, wait=False):
     """Make the run folder out and hold it for this command: an exclusive flock on out/.lock,
     which the kernel lets go when the process dies, however it dies. Another command on the
     same folder meanwhile is refused in one line (wait: waits for it). Not on Windows (no
-    fcntl): there the folder is not held."""
+    fcntl): there the folder is not held. A folder it made is removed again if the command
+    fails before writing more than args.json (nothing to resume from)."""
+    made = not os.path.exists(out)
     try:
         os.makedirs(out, exist_ok=True)
         fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -458,6 +461,10 @@ def locked(out, wait=False):
                                 "finish (the same command then resumes or reports the "
                                 "finished run), or pass another --out") from None
         yield
+    except BaseException:
+        if made and set(os.listdir(out)) <= {".lock", "args.json"}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         os.close(fd)
 

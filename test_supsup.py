@@ -388,6 +388,9 @@ def test_clear_errors_never_lose_results(tmp_path, monkeypatch, capsys, mirror):
     fails(small_args(folder, out, "--lr", "0.01"), "other arguments (lr: 0.0001 -> 0.01)")
     # no MNIST, and the mirror does not have it either: one line naming the files to put there
     fails(small_args(str(tmp_path / "empty"), str(tmp_path / "r2")), "t10k-labels-idx1-ubyte")
+    fails(small_args(str(tmp_path / "empty"), str(tmp_path / "r2")),  # and why it failed
+          "(Error downloading train-images-idx3-ubyte.gz: HTTP Error 404")
+    assert not os.path.exists(tmp_path / "r2")  # failed before its first task: nothing left
     bad = str(tmp_path / "bad")
     write_fake_mnist(bad)
     path = os.path.join(bad, data.FILES[0] + ".gz")
