@@ -50,6 +50,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help if action.default is None else super()._get_help_string(action)
+        if isinstance(action.default, list) and action.help:  # as the flag takes it: 1,2,3
+            text = f"{action.help} (default: {','.join(map(str, action.default))})"
         doc = getattr(action.type, "__doc__", None)
         return f"{text}; {doc[0].lower()}{doc[1:]}" if doc and action.help else text
 

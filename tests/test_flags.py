@@ -100,3 +100,16 @@ def test_the_ten_values_the_sweep_found_are_refused_at_parse_time(tmp_path, caps
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and argv[-2] in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script", [run_gn, run_gg, run_nns, hopsupsup, bench, plot],
+                         ids=lambda m: m.__name__)
+def test_help_names_every_flag_with_its_default_as_the_flag_takes_it(capsys, script):
+    with pytest.raises(SystemExit) as e:
+        script.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # (argparse wraps the lines)
+    assert e.value.code == 0
+    assert all(flag in text for flag, _ in flags(script) if flag)
+    assert "[10, " not in text  # a list default reads 10,500,... not [10, 500, ...]
+    if script is run_nns:
+        assert "(default: 10,500,1000,1500,2000)" in text
