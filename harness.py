@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import sys
 import time
@@ -255,11 +254,15 @@ def terminate(signum, frame):
     raise Terminated
 
 
+def run_folder(args):
+    """The folder a run writes: --out, or OUT/task{i} for run_gg.py --task i."""
+    task = getattr(args, "task", None)
+    return args.out if task is None else os.path.join(args.out, f"task{task}")
+
+
 def progress(args):
     """Where an interrupted run stands, from its checkpoint: "after task k of n" (k saved)."""
-    out = args.out if getattr(args, "task", None) is None else os.path.join(args.out,
-                                                                             f"task{args.task}")
-    state = load_tensors(os.path.join(out, "ckpt.pt"))
+    state = load_tensors(os.path.join(run_folder(args), "ckpt.pt"))
     learned = state.get("learned", 0) if isinstance(state, dict) else 0
     if getattr(args, "task", None) is not None:  # run_gg.py --task i
         return f"{'after' if learned else 'in'} --task {args.task}"
@@ -267,14 +270,15 @@ def progress(args):
 
 
 def run_or_exit(run, args, prog):
-    """A run script's main: run(args) with freed memory kept; a UserError (bad input or
-    files) becomes one line on stderr and exit status 1; Ctrl-C (SIGINT) and SIGTERM one line
-    and 130 or 143, the shell's codes for them. The files are then as a kill leaves them:
-    the same command resumes."""
+    """A run script's main: run(args) with freed memory kept and its run folder held (locked);
+    a UserError (bad input or files) becomes one line on stderr and exit status 1; Ctrl-C
+    (SIGINT) and SIGTERM one line and 130 or 143, the shell's codes for them. The files are
+    then as a kill leaves them: the same command resumes."""
     keep_freed_memory()
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        return run(args)
+        with locked(run_folder(args)):
+            return run(args)
     except (UserError, data.DataError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -445,9 +449,12 @@ def locked(out, wait=False):
     """Make the run folder out and hold it for this command: an exclusive flock on out/.lock,
     which the kernel lets go when the process dies, however it dies. Another command on the
     same folder meanwhile is refused in one line (wait: waits for it). Not on Windows (no
-    fcntl): there the folder is not held. A folder it made is removed again if the command
-    fails before writing more than args.json (nothing to resume from)."""
-    made = not os.path.exists(out)
+    fcntl): there the folder is not held. The folders it made are removed again if the
+    command fails before writing more than args.json (nothing to resume from)."""
+    made, folder = [], os.path.abspath(out)  # deepest first
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
     try:
         os.makedirs(out, exist_ok=True)
         fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -465,7 +472,13 @@ def locked(out, wait=False):
         yield
     except BaseException:
         if made and set(os.listdir(out)) <= {".lock", "args.json"}:
-            shutil.rmtree(out, ignore_errors=True)
+            for name in os.listdir(out):
+                os.remove(os.path.join(out, name))
+            for folder in made:
+                try:
+                    os.rmdir(folder)
+                except OSError:  # not empty: another command writes there now
+                    break
         raise
     finally:
         os.close(fd)

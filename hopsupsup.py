@@ -208,40 +208,39 @@ def write_outputs(out, state):
 
 def run(args):
     device = harness.get_device(args.device)
-    with harness.locked(args.out):
-        state = harness.resume(args, device, dict(log=[], model=None),
-                               outputs=("results.csv", "hopfield.csv"))
-        if state["learned"]:
-            write_outputs(args.out, state)
-        if state["learned"] == args.tasks:
-            return harness.finished(state, gn.summary(LABEL, state["rows"], args.tasks), args.out)
-        train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-        model = bnnet(10, args.tasks, args.seed).to(device)
-        if state["learned"]:
-            model.load_state_dict(state["model"])
-            for m in neuron_masks(model):
-                m.num_learned = state["learned"]
-            print(f"resuming {args.out} after task {state['learned']}")
-        clock = harness.Clock(state)
-        while state["learned"] < args.tasks:
-            t, t0 = state["learned"], clock()
-            loss = train_task(model, *split_task(train_x, train_y, t), t, args)
-            harness.check_finite(loss, t, "--lr")
-            print(f"[hopfield] task {t + 1}/{args.tasks}  loss {loss:.3f}  "
-                  f"{clock() - t0:.1f}s", flush=True)
-            if t + 1 == args.tasks:
-                size = sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()  # mask bits, psi
-                           for m in neuron_masks(model))
-                for r in evaluate(model, test_x, test_y, args, state["log"]):
-                    r.update(scenario="GNu", dataset="splitmnist", model="bnnet",
-                             method="hopsupsup", infer="hopfield", objective="entropy",
-                             seed=args.seed,
-                             num_learned=t + 1, train_seconds="", bytes=size, learned_acc="",
-                             seconds=round(clock(), 1))
-                    state["rows"].append(r)
-            state.update(model=model.state_dict(), learned=t + 1)
-            harness.checkpoint(args.out, state, clock, write_outputs)
-        return harness.finished(state, gn.summary(LABEL, state["rows"], args.tasks), args.out, True)
+    state = harness.resume(args, device, dict(log=[], model=None),
+                           outputs=("results.csv", "hopfield.csv"))
+    if state["learned"]:
+        write_outputs(args.out, state)
+    if state["learned"] == args.tasks:
+        return harness.finished(state, gn.summary(LABEL, state["rows"], args.tasks), args.out)
+    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    model = bnnet(10, args.tasks, args.seed).to(device)
+    if state["learned"]:
+        model.load_state_dict(state["model"])
+        for m in neuron_masks(model):
+            m.num_learned = state["learned"]
+        print(f"resuming {args.out} after task {state['learned']}")
+    clock = harness.Clock(state)
+    while state["learned"] < args.tasks:
+        t, t0 = state["learned"], clock()
+        loss = train_task(model, *split_task(train_x, train_y, t), t, args)
+        harness.check_finite(loss, t, "--lr")
+        print(f"[hopfield] task {t + 1}/{args.tasks}  loss {loss:.3f}  "
+              f"{clock() - t0:.1f}s", flush=True)
+        if t + 1 == args.tasks:
+            size = sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()  # mask bits, psi
+                       for m in neuron_masks(model))
+            for r in evaluate(model, test_x, test_y, args, state["log"]):
+                r.update(scenario="GNu", dataset="splitmnist", model="bnnet",
+                         method="hopsupsup", infer="hopfield", objective="entropy",
+                         seed=args.seed,
+                         num_learned=t + 1, train_seconds="", bytes=size, learned_acc="",
+                         seconds=round(clock(), 1))
+                state["rows"].append(r)
+        state.update(model=model.state_dict(), learned=t + 1)
+        harness.checkpoint(args.out, state, clock, write_outputs)
+    return harness.finished(state, gn.summary(LABEL, state["rows"], args.tasks), args.out, True)
 
 
 def main(argv=None):

@@ -327,39 +327,38 @@ def run(args):
     device = harness.get_device(args.device)
     if args.task is not None:
         return run_task(args, device)
-    with harness.locked(args.out):
-        state = harness.resume(args, device, dict(accs={}, sizes=[], train_seconds=[], method=None),
-                               facts=facts(args))
-        if state["learned"]:
-            write_outputs(args.out, state)
-        if state["learned"] == args.tasks:
-            return harness.finished(state, summary(state["rows"], args.tasks), args.out)
-        tasks, method, density = setup(args, device)
-        if state["learned"]:
-            for m in supsup.masked_layers(method.model):
-                m.num_learned = state["learned"]
-            method.load(state["method"])
-            print(f"resuming {args.out} after task {state['learned']}")
-        clock = harness.Clock(state)
-        while state["learned"] < args.tasks:
-            t0, began = state["learned"], clock()
-            n = min(args.parallel, args.tasks - t0)
-            loss = train_task(method, tasks, t0, args, n)
-            harness.check_finite(loss, t0, "--lr")
-            state["train_seconds"] += [round((clock() - began) / n, 2)] * n
-            for t in range(t0, t0 + n):
-                state["sizes"].append(task_size(method, t, state["sizes"]))
-                state["accs"][t] = accuracy(method.model, tasks, t, args)
-                scored = state["accs"]  # read right after: every task as right after its training
-                if t + 1 == args.tasks and not method.read_right_after:
-                    scored = {i: accuracy(method.model, tasks, i, args) for i in range(args.tasks)}
-                state["rows"] += rows_at(args, t, scored, state["sizes"], state["train_seconds"],
-                                         density, round(clock(), 1))
-                print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
-                      f"{state['accs'][t]:.4f}  {state['train_seconds'][t]:.1f}s", flush=True)
-            state.update(method=method.state(), learned=t0 + n)
-            harness.checkpoint(args.out, state, clock, write_outputs)
-        return harness.finished(state, summary(state["rows"], args.tasks), args.out, True)
+    state = harness.resume(args, device, dict(accs={}, sizes=[], train_seconds=[], method=None),
+                           facts=facts(args))
+    if state["learned"]:
+        write_outputs(args.out, state)
+    if state["learned"] == args.tasks:
+        return harness.finished(state, summary(state["rows"], args.tasks), args.out)
+    tasks, method, density = setup(args, device)
+    if state["learned"]:
+        for m in supsup.masked_layers(method.model):
+            m.num_learned = state["learned"]
+        method.load(state["method"])
+        print(f"resuming {args.out} after task {state['learned']}")
+    clock = harness.Clock(state)
+    while state["learned"] < args.tasks:
+        t0, began = state["learned"], clock()
+        n = min(args.parallel, args.tasks - t0)
+        loss = train_task(method, tasks, t0, args, n)
+        harness.check_finite(loss, t0, "--lr")
+        state["train_seconds"] += [round((clock() - began) / n, 2)] * n
+        for t in range(t0, t0 + n):
+            state["sizes"].append(task_size(method, t, state["sizes"]))
+            state["accs"][t] = accuracy(method.model, tasks, t, args)
+            scored = state["accs"]  # read right after: every task as right after its training
+            if t + 1 == args.tasks and not method.read_right_after:
+                scored = {i: accuracy(method.model, tasks, i, args) for i in range(args.tasks)}
+            state["rows"] += rows_at(args, t, scored, state["sizes"], state["train_seconds"],
+                                     density, round(clock(), 1))
+            print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
+                  f"{state['accs'][t]:.4f}  {state['train_seconds'][t]:.1f}s", flush=True)
+        state.update(method=method.state(), learned=t0 + n)
+        harness.checkpoint(args.out, state, clock, write_outputs)
+    return harness.finished(state, summary(state["rows"], args.tasks), args.out, True)
 
 
 def task_state(model, t):
@@ -391,8 +390,7 @@ def run_task(args, device):
     done = finished_tasks(args)  # (refuses tasks run with other flags before training one)
     sub = os.path.join(args.out, f"task{args.task}")
     if args.task not in done:
-        with harness.locked(sub):
-            done[args.task] = learn_alone(args, device, sub)
+        done[args.task] = learn_alone(args, device, sub)
     with harness.locked(args.out, wait=True):  # (two tasks may end at once)
         return merge_tasks(args, finished_tasks(args))
 

@@ -167,15 +167,13 @@ def run(args):
     if args.method in COMPARISON_METHODS:
         harness.ensure_fits(4 * (4 * weights + 3 * args.tasks * units), device,
                             f"--tasks {args.tasks} of {args.method} on {args.model}")
-        with harness.locked(args.out):
-            return run_comparison(args, device)
+        return run_comparison(args, device)
     dtype = harness.precision_dtype(args, device)
     harness.ensure_fits(args.tasks * weights * (1 / 8 + dtype.itemsize)  # bits, unpacked
                         + 4 * (2 + args.parallel) * weights,
                         device, f"the masks of --tasks {args.tasks} on {args.model} with "
                                 f"--output-size {args.output_size}")
-    with harness.locked(args.out):
-        return run_supsup(args, device, dtype)
+    return run_supsup(args, device, dtype)
 
 
 def run_supsup(args, device, dtype):

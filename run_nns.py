@@ -133,71 +133,70 @@ def run(args):
     harness.ensure_fits(slots * weights * (1 / 8 + 4 + dtype.itemsize), device,
                         f"the masks and scores of --budget {args.budget} on {args.model} with "
                         f"--output-size {args.output_size}")
-    with harness.locked(args.out):
-        state = harness.resume(args, device, dict(allocated=0, allocations=[], trained={},
-                                                  drawn=0, files={}),
-                               outputs=("results.csv", "allocations.csv"))
-        if state["learned"]:
-            write_outputs(args.out, state)
-        if state["learned"] == args.tasks:
-            return harness.finished(state, summary(state), args.out)
-        train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-        train_x = train_x.to(dtype)  # (bf16: half the bytes to gather)
-        tests = gn.TestSets(test_x, test_y, data.permutation, args.seed, args.test_batch_size)
-        model = NETS[args.model](args.output_size, slots, args.seed).to(device)
-        masks, inference = Masks(model, args.seed), fast.Inference(model, dtype)
-        masks.ensure(state["drawn"])
-        for i, (name, digest) in state["files"].items():  # files: mask -> its file, as last trained
-            load_mask(masks, i, os.path.join(args.out, "masks", name), digest, args.out)
-        if state["learned"]:
-            print(f"resuming {args.out} after task {state['learned']}")
-        clock = harness.Clock(state)
-        while state["learned"] < args.tasks:
-            task = state["learned"]
-            pix = data.permutation(args.seed, task).to(device)
-            order = data.train_batches(len(train_x), args.batch_size, args.steps, args.seed, task,
-                                       device)
-            opts, losses = {}, []  # a fresh RMSprop per 1000 steps for each mask, as the original
-            for w in range(0, args.steps, args.check_every):
-                batches = [(train_x.index_select(0, b).index_select(1, pix), train_y[b])
-                           for b in order[w:w + args.check_every]]
-                i, new = choose(masks, inference, batches[0][0].float(), state["allocated"], args)
-                if new:
-                    if state["allocated"] == args.budget:
-                        continue  # the budget is spent: this window trains nothing
-                    state["allocated"] += 1
-                    masks.ensure(state["allocated"])
-                    state["allocations"].append(dict(mask=i, step=task * args.steps + w,
-                                                     true_task=task))
-                opt = opts.setdefault(i, fast.RMSprop(masks.scores[i], lr=args.lr))
-                losses.append(masks.train(i, batches, opt, dtype))
-                key = (i, task)
-                state["trained"][key] = state["trained"].get(key, 0) + len(batches)
-            loss = sum(losses) / max(len(losses), 1)
-            harness.check_finite(loss, task, "--lr")
-            state["learned"] = task + 1
-            print(f"[NNs] task {task + 1}/{args.tasks}  masks {state['allocated']}  loss "
-                  f"{loss:.3f}", flush=True)
-            if task + 1 in args.eval_at:
-                began = clock()
-                masks.candidates(state["allocated"])
-                trained_most = [max(range(state["allocated"]),  # the mask of each task
-                                    key=lambda i: state["trained"].get((i, t), 0))
-                                for t in range(task + 1)]
-                rows = tests.evaluate(model, inference, trained_most, 1, supsup.entropy, False,
-                                      False, None)  # one image decides; scored as GNs
-                for r in rows:
-                    r.update(scenario="NNs", dataset="permuted", model=args.model, method="supsup",
-                             infer="oneshot", objective="entropy", seed=args.seed,
-                             num_learned=task + 1, masks=state["allocated"], train_seconds="",
-                             learned_acc="", bytes=gn.mask_bytes(model, state["allocated"]),
-                             seconds=round(clock(), 1))
-                state["rows"] += rows
-                print(summary(state) + f"  eval {clock() - began:.1f}s", flush=True)
-            state["drawn"] = len(masks.scores)
-            save_masks(masks, state, task, args.out)
-            harness.checkpoint(args.out, state, clock, write_outputs)
-        return harness.finished(state, summary(state), args.out, True)
+    state = harness.resume(args, device, dict(allocated=0, allocations=[], trained={},
+                                              drawn=0, files={}),
+                           outputs=("results.csv", "allocations.csv"))
+    if state["learned"]:
+        write_outputs(args.out, state)
+    if state["learned"] == args.tasks:
+        return harness.finished(state, summary(state), args.out)
+    train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
+    train_x = train_x.to(dtype)  # (bf16: half the bytes to gather)
+    tests = gn.TestSets(test_x, test_y, data.permutation, args.seed, args.test_batch_size)
+    model = NETS[args.model](args.output_size, slots, args.seed).to(device)
+    masks, inference = Masks(model, args.seed), fast.Inference(model, dtype)
+    masks.ensure(state["drawn"])
+    for i, (name, digest) in state["files"].items():  # files: mask -> its file, as last trained
+        load_mask(masks, i, os.path.join(args.out, "masks", name), digest, args.out)
+    if state["learned"]:
+        print(f"resuming {args.out} after task {state['learned']}")
+    clock = harness.Clock(state)
+    while state["learned"] < args.tasks:
+        task = state["learned"]
+        pix = data.permutation(args.seed, task).to(device)
+        order = data.train_batches(len(train_x), args.batch_size, args.steps, args.seed, task,
+                                   device)
+        opts, losses = {}, []  # a fresh RMSprop per 1000 steps for each mask, as the original
+        for w in range(0, args.steps, args.check_every):
+            batches = [(train_x.index_select(0, b).index_select(1, pix), train_y[b])
+                       for b in order[w:w + args.check_every]]
+            i, new = choose(masks, inference, batches[0][0].float(), state["allocated"], args)
+            if new:
+                if state["allocated"] == args.budget:
+                    continue  # the budget is spent: this window trains nothing
+                state["allocated"] += 1
+                masks.ensure(state["allocated"])
+                state["allocations"].append(dict(mask=i, step=task * args.steps + w,
+                                                 true_task=task))
+            opt = opts.setdefault(i, fast.RMSprop(masks.scores[i], lr=args.lr))
+            losses.append(masks.train(i, batches, opt, dtype))
+            key = (i, task)
+            state["trained"][key] = state["trained"].get(key, 0) + len(batches)
+        loss = sum(losses) / max(len(losses), 1)
+        harness.check_finite(loss, task, "--lr")
+        state["learned"] = task + 1
+        print(f"[NNs] task {task + 1}/{args.tasks}  masks {state['allocated']}  loss "
+              f"{loss:.3f}", flush=True)
+        if task + 1 in args.eval_at:
+            began = clock()
+            masks.candidates(state["allocated"])
+            trained_most = [max(range(state["allocated"]),  # the mask of each task
+                                key=lambda i: state["trained"].get((i, t), 0))
+                            for t in range(task + 1)]
+            rows = tests.evaluate(model, inference, trained_most, 1, supsup.entropy, False,
+                                  False, None)  # one image decides; scored as GNs
+            for r in rows:
+                r.update(scenario="NNs", dataset="permuted", model=args.model, method="supsup",
+                         infer="oneshot", objective="entropy", seed=args.seed,
+                         num_learned=task + 1, masks=state["allocated"], train_seconds="",
+                         learned_acc="", bytes=gn.mask_bytes(model, state["allocated"]),
+                         seconds=round(clock(), 1))
+            state["rows"] += rows
+            print(summary(state) + f"  eval {clock() - began:.1f}s", flush=True)
+        state["drawn"] = len(masks.scores)
+        save_masks(masks, state, task, args.out)
+        harness.checkpoint(args.out, state, clock, write_outputs)
+    return harness.finished(state, summary(state), args.out, True)
 
 
 def write_outputs(out, state):
