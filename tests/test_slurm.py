@@ -1,7 +1,8 @@
 """run_all.sh's Slurm path against a real one-node Slurm (slurm_node.py): the array runs every
 selected run, a run frozen mid-task and requeued resumes to the results of an uninterrupted
 run, the same command then submits nothing, STATUS=1 counts the runs. Skipped, with the
-reason, where Slurm is not installed (.ci/run installs it).
+reason, where Slurm is not installed; where SLURM_TEST_REQUIRED=1 (.ci/run sets it once it has
+installed Slurm) that reason fails the test instead, so a green CI means the test ran.
 
     python -m pytest -q tests/test_slurm.py
 """
@@ -17,6 +18,8 @@ import pytest
 import slurm_node
 from conftest import ROOT, write_fake_mnist
 
+if os.environ.get("SLURM_TEST_REQUIRED") == "1" and slurm_node.missing():
+    raise RuntimeError(f"SLURM_TEST_REQUIRED=1, but {slurm_node.missing()}")
 pytestmark = pytest.mark.skipif(slurm_node.missing() is not None,
                                 reason=str(slurm_node.missing()))
 NNS = "fig4-nns-seed1"  # 3 tasks of 200 steps: long enough to stop in task 2
