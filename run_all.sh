@@ -6,7 +6,8 @@
 #   QUICK=1 bash run_all.sh                 # few tasks and steps: every figure, in minutes
 #   DRY_RUN=1 bash run_all.sh               # print the lanes and the queue, run nothing
 #   LIST=1 bash run_all.sh | parallel -j 4 'CUDA_VISIBLE_DEVICES=$(({%} - 1)) bash -c {}'
-#                                           # one command per line: GNU parallel (job slot k on
+#                                           # the data fetched, then a line per run (its log,
+#                                           # skipped if done): GNU parallel (job slot k on
 #                                           # GPU k-1) or another scheduler
 #   ONLY=fig3 bash run_all.sh               # only the runs whose name matches (grep -E)
 #   SLURM=1 bash run_all.sh                 # one Slurm job array, a run per task (below)
@@ -170,10 +171,6 @@ if [ ${#LINES[@]} -eq 0 ]; then
     echo "no run's name matches ONLY=$ONLY (the names: the --out folders of LIST=1 bash run_all.sh)" >&2
     exit 1
 fi
-if [ "$LIST" = 1 ]; then
-    for line in "${LINES[@]}"; do printf '%s\n' "${line#*$'\t'}"; done
-    exit 0
-fi
 queued() {  # the runs of our earlier arrays that Slurm still holds: NAME STATE per line
     local job_file job list
     for job_file in "$OUT"/.slurm/*.job; do
@@ -227,13 +224,23 @@ if [ "$QUICK" = 1 ]; then
 gg_data.synthetic_imagefolder(sys.argv[2])" "$CIFAR" "$IMAGENET" || exit 1
 fi
 # download what the runs need once, here, so that lanes never download into one folder at
-# once (SplitImageNet cannot be downloaded: it must be in IMAGENET already)
+# once (SplitImageNet cannot be downloaded: it must be in IMAGENET already); LIST=1 says so on
+# stderr, its stdout is the commands
 names=$(printf '%s\n' "${LINES[@]}" | cut -f1)
+exec 3>&1 && [ "$LIST" = 1 ] && exec 3>&2
 if grep -qv -e splitcifar100 -e splitimagenet <<< "$names"; then
-    python data.py --data "$DATA" || exit 1
+    python data.py --data "$DATA" >&3 || exit 1
 fi
 if [ "$QUICK" != 1 ] && grep -q splitcifar100 <<< "$names"; then
-    python gg_data.py --data "$CIFAR" || exit 1
+    python gg_data.py --data "$CIFAR" >&3 || exit 1
+fi
+if [ "$LIST" = 1 ]; then  # a line a run, as a lane runs it: skipped if done, its own log
+    for line in "${LINES[@]}"; do
+        printf -v dir '%q' "$OUT/${line%%$'\t'*}"
+        echo "[ -f $dir/.done ] || { mkdir -p $dir && ${line#*$'\t'} >> $dir/log.txt 2>&1 &&" \
+            "touch $dir/.done; }"
+    done
+    exit 0
 fi
 
 mkdir -p "$OUT"
@@ -291,7 +298,7 @@ lane() {  # GPU: take the next unclaimed run until none is left, so lanes finish
         mkdir -p "$OUT/$name"
         echo "[lane $gpu] $name"
         # the CPU lane hides the GPUs (an empty list), a GPU lane sees its GPU only
-        if CUDA_VISIBLE_DEVICES=${gpu/cpu/} bash -c "$cmd" > "$OUT/$name/log.txt" 2>&1; then
+        if CUDA_VISIBLE_DEVICES=${gpu/cpu/} bash -c "$cmd" >> "$OUT/$name/log.txt" 2>&1; then
             touch "$OUT/$name/.done"
         else
             echo "$name" >> "$OUT/.failed"

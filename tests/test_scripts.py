@@ -27,8 +27,9 @@ def run_all(timeout=60, **env):
 def test_run_all_lists_every_figure_with_valid_flags(tmp_path):
     scripts = {"run_gg.py": run_gg, "run_gn.py": run_gn, "run_nns.py": run_nns,
                "hopsupsup.py": hopsupsup}
-    for quick in ("0", "1"):
-        lines = run_all(LIST="1", QUICK=quick, SEEDS="3", DATA="my data", OUT="my runs")
+    for quick in ("0", "1"):  # (DRY_RUN: the commands alone, and no data to fetch)
+        lines = [line.removeprefix("[queue] ") for line in run_all(
+            DRY_RUN="1", QUICK=quick, SEEDS="3", DATA="my data", OUT="my runs")[1:]]
         names = {shlex.split(line)[-1].split("/")[-1] for line in lines}
         for fig in ("fig2-splitcifar100", "fig2-splitimagenet", "fig3-permuted-lenet",
                     "fig3-permuted-fc1024", "fig4-gnu2500", "fig4-nns", "fig5-rotated",
@@ -43,7 +44,7 @@ def test_run_all_lists_every_figure_with_valid_flags(tmp_path):
             module = scripts[argv[1]]
             p = module.get_parser()
             module.resolve(p.parse_args(argv[2:]), p)
-    only = run_all(LIST="1", SEEDS="1", ONLY="lenet-(batche|psp)")
+    only = run_all(DRY_RUN="1", SEEDS="1", ONLY="lenet-(batche|psp)")[1:]
     assert [line.split("/")[-1] for line in only] == ["fig3-permuted-lenet-batche-seed1",
                                                       "fig3-permuted-lenet-psp-seed1"]
     out = tmp_path / "o u t"
@@ -51,6 +52,30 @@ def test_run_all_lists_every_figure_with_valid_flags(tmp_path):
     assert lanes[0] == "[lanes 0 1 2 3] each takes the next run of the queue:"
     assert all(line.startswith("[queue] python ") for line in lanes[1:])
     assert not out.exists()  # a dry run creates nothing
+
+
+def test_run_all_list_fetches_first_and_each_line_logs_and_skips_when_done(tmp_path):
+    folder = write_fake_mnist(str(tmp_path / "my data"))
+    before = sorted(os.listdir(folder))
+    out = tmp_path / "my runs"
+    listed = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh")], capture_output=True,
+                            text=True, timeout=60, env={
+                                **os.environ, "LIST": "1", "QUICK": "1", "SEEDS": "1",
+                                "DATA": folder, "OUT": str(out),
+                                "ONLY": "fig3-permuted-lenet-(psp|batche)"})
+    assert listed.returncode == 0 and listed.stderr == f"MNIST: ready in {folder}\n"
+    lines = listed.stdout.splitlines()  # the data fetch on stderr; stdout: a line a run
+    assert len(lines) == 2
+    name = "fig3-permuted-lenet-psp-seed1"
+    assert subprocess.run(["bash", "-c", lines[1]], cwd=ROOT).returncode == 0
+    log = (out / name / "log.txt").read_text()
+    assert "learned 3" in log and (out / name / ".done").exists()
+    assert not (out / "fig3-permuted-lenet-batche-seed1").exists()
+    (out / name / "results.csv").unlink()  # a done run is skipped: nothing rewrites this
+    assert subprocess.run(["bash", "-c", lines[1]], cwd=ROOT).returncode == 0
+    assert not (out / name / "results.csv").exists()
+    assert (out / name / "log.txt").read_text() == log
+    assert sorted(os.listdir(folder)) == before  # nothing was downloaded
 
 
 def test_run_all_lanes_share_one_queue_and_quote_their_folders(tmp_path):
