@@ -125,7 +125,7 @@ class TestSets:
 def summary(label, rows, k):
     """The console line of evaluation point k: the mean of each accuracy column over tasks."""
     at = [r for r in rows if r["num_learned"] == k]
-    text = f"[{label}] learned {k}:"
+    text = f"{label} learned {k}:"
     for c, name in (("acc", "acc"), ("task_acc", "task-acc"), ("given_acc", "given")):
         if at and at[0][c] != "":  # (no task inference when the task is given)
             text += f"  {name} {sum(r[c] for r in at) / len(at):.4f}"

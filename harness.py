@@ -308,11 +308,17 @@ def write_atomic(path, write, mode="w"):
                         "--out, then rerun the same command: it resumes") from None
 
 
+def csv_value(v):
+    """A CSV cell: every float in one format, 6 decimals (exact for a fraction of a test set
+    of up to a million images, whether it was computed in fp32 or fp64)."""
+    return f"{v:.6f}" if isinstance(v, float) else str(v)
+
+
 def write_csv(path, rows, columns):
     def write(f):
         f.write(",".join(columns) + "\n")
         for r in rows:
-            f.write(",".join(str(r[c]) for c in columns) + "\n")
+            f.write(",".join(csv_value(r[c]) for c in columns) + "\n")
     write_atomic(path, write)
 
 
@@ -530,13 +536,27 @@ def resume(args, device, start, outputs=("results.csv",), out=None, facts=None):
 
 
 class Clock:
-    """The run's seconds so far, across resumes."""
+    """The run's seconds so far, across resumes, and this session's pace."""
 
     def __init__(self, state):
         self.began = time.time() - state["seconds"]
+        self.session = state["seconds"], state["learned"]  # where this session began
 
     def __call__(self):
         return time.time() - self.began
+
+    def pace(self, done, total):
+        """'2.8s/task  eta 106m': this session's seconds per task (its evaluations included;
+        earlier sessions' tasks are not, so a resumed run's estimate is its own) and the rest
+        of the tasks at that rate."""
+        per_task = (self() - self.session[0]) / max(done - self.session[1], 1)
+        return f"{per_task:.1f}s/task  eta {per_task * (total - done) / 60:.0f}m"
+
+
+def label(method, scenario):
+    """A run's console label, '[ewc, told the task]': its method and scenario, the words its
+    results.csv, folder name and plot.py's legend use."""
+    return f"[{method}, {scenario}]"
 
 
 def checkpoint(out, state, clock, write):

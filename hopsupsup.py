@@ -23,7 +23,7 @@ import harness
 import supsup
 from harness import learning_rate, positive_int, strength
 
-LABEL = "GNu hopsupsup"  # its console lines, as run_gn.py labels a scenario and method
+LABEL = harness.label("hopsupsup", "GNu")  # its console lines, as results.csv says
 
 
 def binary_mask(scores):
@@ -193,7 +193,7 @@ def evaluate(model, test_x, test_y, args, log):
         rows.append(dict(task=t, acc=batch_accuracy(model, batches),
                          task_acc=float(exact_from is not None), given_acc=given,
                          n_test=len(y)))
-        print(f"[hopfield] task {t}: exact from step {exact_from} of {len(batches)}, Hamming "
+        print(f"{LABEL} task {t}: exact from step {exact_from} of {len(batches)}, Hamming "
               f"{dist}, acc {rows[-1]['acc']:.4f} (stored masks {given:.4f})", flush=True)
     return rows
 
@@ -223,11 +223,11 @@ def run(args):
         print(f"resuming {args.out} after task {state['learned']}")
     clock = harness.Clock(state)
     while state["learned"] < args.tasks:
-        t, t0 = state["learned"], clock()
+        t = state["learned"]
         loss = train_task(model, *split_task(train_x, train_y, t), t, args)
         harness.check_finite(loss, t, "--lr")
-        print(f"[hopfield] task {t + 1}/{args.tasks}  loss {loss:.3f}  "
-              f"{clock() - t0:.1f}s", flush=True)
+        print(f"{LABEL} task {t + 1}/{args.tasks}  loss {loss:.3f}  "
+              f"{clock.pace(t + 1, args.tasks)}", flush=True)
         if t + 1 == args.tasks:
             size = sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()  # mask bits, psi
                        for m in neuron_masks(model))

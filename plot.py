@@ -35,7 +35,7 @@ TITLES = {
     "fig2_splitmnist": "SplitMNIST (GG), LeNet, accuracy vs bytes",
     "fig3_permuted_lenet": "Fig. 3 left: PermutedMNIST, LeNet",
     "fig3_permuted_fc1024": "Fig. 3 right: PermutedMNIST, FC 1024-1024",
-    "fig4_2500": "Fig. 4: 2500 tasks, LeNet, 500 outputs",
+    "fig4_2500": "Fig. 4: PermutedMNIST, LeNet, 500 outputs",
     "fig5_rotated": "Fig. 5 left: RotatedMNIST, FC 1024-1024",
     "fig5_oneshot_batche": "Fig. 5 right: one-shot BatchE, FC 1024-1024, 500 outputs",
     "fig6_output_size_lenet": "Fig. 6 left: output size, LeNet",
@@ -51,7 +51,7 @@ TITLES = {
 def curves_of(a):
     """[(figure, curve label)] a run with arguments a belongs to."""
     if "check_every" in a:  # run_nns.py
-        return [("fig4_2500", "NNs")]
+        return [("fig4_2500", "SupSup (NNs)")]
     if "workers" in a:  # run_gg.py: SupSup's sparsities make one curve
         if (a.get("epochs"), a.get("batch_size")) == (1, 10):  # TAG's protocol
             return [(f"tag_{a['dataset']}", a["method"])]
@@ -59,8 +59,9 @@ def curves_of(a):
     if "gamma" in a:  # hopsupsup.py
         return [("fig7_hopsupsup", "HopSupSup")]
     method, model = a["method"], a["model"]
-    label = (f"SupSup ({a['scenario']}, {'G' if a['objective'] == 'g' else 'H'})"
-             if method == "supsup" else f"{method} (GG)" if a["infer"] == "given" else method)
+    scenario = "told the task" if a["infer"] == "given" else a["scenario"]  # as run_gn.py's
+    label = (f"SupSup ({scenario}, {'G' if a['objective'] == 'g' else 'H'})"
+             if method == "supsup" else f"{method} ({scenario})")
     if a["dataset"] == "rotated":
         return [("fig5_rotated", label)]
     if method == "batche" and a["infer"] == "oneshot":
@@ -135,9 +136,18 @@ def read_csv(path, types):
     return rows
 
 
-# the arguments (and args.json entries) in which the runs of one curve may differ
+# the arguments (and args.json entries) in which the runs of one curve may differ (eval_at
+# says where a curve is sampled, and follows --tasks)
 NOT_A_CURVE = ("seed", "data", "device", "out", "workers", "given", "torch", "device_name",
-               "started", "method_facts")
+               "started", "method_facts", "eval_at")
+
+
+def in_words(flag, value):
+    """A flag that tells curves apart, as a legend says it: 'lr 0.5', 'lr default'."""
+    if isinstance(value, list):
+        value = ",".join(map(str, value)) if len(value) <= 4 else \
+            f"{value[0]},{value[1]},...,{value[-1]}"
+    return f"{flag.replace('_', ' ')} {'default' if value is None else value}"
 
 
 def read_runs(root):
@@ -166,7 +176,7 @@ def read_runs(root):
         varying = sorted({k for key in keys for k in key if k != "tasks" and
                           len({json.dumps(other.get(k)) for other in keys}) > 1})
         for run in runs:
-            name = label + "".join(f", {k}={run[0].get(k)}" for k in varying)
+            name = label + "".join(f", {in_words(k, run[0].get(k))}" for k in varying)
             curves.setdefault((figure, name, run[0]["tasks"]), []).append(run)
     return curves
 
@@ -206,8 +216,36 @@ def band(ax, series, label):
     xs = sorted(set.intersection(*[set(s) for s in series]))
     ys = np.array([[s[x] for x in xs] for s in series])
     mean, std = ys.mean(0), ys.std(0)
-    ax.plot(xs, mean, marker="o", ms=3, label=f"{label} ({len(series)} runs)")
+    ax.plot(xs, mean, marker="o", ms=3, label=label)
     ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+
+
+def steady_ylim(ax, span=0.1):
+    """A fraction's axis (accuracy, dormant units) at least `span` tall, inside [0, 1] where
+    the data are, so that a change of 0.0004 does not fill the plot."""
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = min(max((lo + hi) / 2, span / 2), 1 - span / 2)
+        ax.set_ylim(mid - span / 2, mid + span / 2)
+
+
+def what_runs_hold(curves):
+    """The title's second line: the tasks and seeds of a figure's runs; and the legend label of
+    each curve, which adds its tasks or seeds only where the curves differ in them."""
+    tasks = {t for _, t in curves}
+    learned = {max(r["num_learned"] for r in rows) for runs in curves.values()
+               for _, rows, _ in runs}  # (a run still going has learned fewer)
+    seeds = {r[0].get("seed") for runs in curves.values() for r in runs}
+    per_curve = {key: len({r[0].get("seed") for r in runs}) for key, runs in curves.items()}
+    held = (f"{max(tasks)} tasks" if len(tasks) == 1 else f"{min(tasks)} to {max(tasks)} tasks")
+    if max(learned) < max(tasks):
+        held = f"{max(learned)} of {max(tasks)} tasks learned so far"
+    held += (f", seed {seeds.pop()}" if len(seeds) == 1 else
+             f", mean and one std over seeds {','.join(map(str, sorted(seeds, key=str)))}")
+    labels = {(label, t): label + (f", {t} tasks" if len(tasks) > 1 else "")
+              + (f" ({per_curve[label, t]} seeds)" if len(set(per_curve.values())) > 1 else "")
+              for label, t in curves}
+    return held, labels
 
 
 def newest_acc(rows):
@@ -237,18 +275,22 @@ def draw_plasticity(figure, curves, plt, out):
     """Loss of plasticity: each task's accuracy right after its training, and the fraction of
     dormant units on the next task's inputs, against the tasks learned."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for (label, tasks), runs in sorted(curves.items()):
+    held, labels = what_runs_hold(curves)
+    for key, runs in sorted(curves.items()):
         for ax, series in ((left, [newest_acc(rows) for _, rows, _ in runs]),
                            (right, [dormant(folder) for _, _, folder in runs])):
             if all(series):  # (a curve whose runs lack these columns or files is left out)
-                band(ax, series, f"{label}, {tasks} tasks")
+                band(ax, series, labels[key])
     left.set(xlabel="task", ylabel="accuracy right after its training (newest task)")
     right.set(xlabel="number of tasks learned", ylabel="dormant units, next task's inputs")
+    entries = {}
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.suptitle(TITLES.get(figure, figure), fontsize=10)
+        steady_ylim(ax)
+        entries.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(entries.values(), entries.keys(), fontsize=7, loc="upper left",
+               bbox_to_anchor=(1.0, 0.93))  # beside both panels, over neither's data
+    fig.suptitle(f"{TITLES.get(figure, figure)}\n{held}", fontsize=10)
     return save(fig, figure, out)
 
 
@@ -261,8 +303,9 @@ def draw(figure, curves, out):
     fig, ax = plt.subplots(figsize=(9, 4.5))
     tab20 = plt.get_cmap("tab20").colors
     ax.set_prop_cycle(color=tab20[::2] + tab20[1::2])  # 20 colors: the peers make 13 curves
-    for (label, tasks), runs in sorted(curves.items()):
-        label = f"{label}, {tasks} tasks"
+    held, labels = what_runs_hold(curves)
+    for key, runs in sorted(curves.items()):
+        label = labels[key]
         if figure.startswith("fig2"):  # accuracy against bytes, a point per sparsity
             points = {}
             for a, rows, _ in runs:
@@ -270,8 +313,7 @@ def draw(figure, curves, out):
                 points.setdefault(a["sparsity"], []).append((size, acc))
             x, y, e = zip(*sorted((np.mean([p[0] for p in v]), np.mean([p[1] for p in v]),
                                    np.std([p[1] for p in v])) for v in points.values()))
-            ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2,
-                        label=f"{label} ({len(runs)} runs)")
+            ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2, label=label)
         elif figure == "fig7_hopsupsup":
             band(ax, [hamming(folder) for _, _, folder in runs], label)
         else:
@@ -283,11 +325,13 @@ def draw(figure, curves, out):
     else:  # (GG runs score every task at the end only: before it, the newest task)
         ax.set(xlabel="number of tasks learned", ylabel="mean accuracy")
         ax.xaxis.get_major_locator().set_params(integer=True)
+    if figure != "fig7_hopsupsup":
+        steady_ylim(ax)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))  # one legend entry per label
     ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left",
               bbox_to_anchor=(1.01, 1))  # beside the axes: the curves fill them
-    ax.set_title(TITLES.get(figure, figure), fontsize=10)
+    ax.set_title(f"{TITLES.get(figure, figure)}\n{held}", fontsize=10)
     ax.grid(alpha=0.3)
     return save(fig, figure, out)
 

@@ -303,7 +303,7 @@ def rows_at(args, t, accs, sizes, train_seconds, density, seconds):
 
 def summary(rows, k):
     at = [r for r in rows if r["num_learned"] == k]
-    return f"[GG] learned {k}: acc {np.mean([r['acc'] for r in at]):.4f}"
+    return f"{harness.label(rows[0]['method'], 'GG')} learned {k}: acc {np.mean([r['acc'] for r in at]):.4f}"
 
 
 def setup(args, device):
@@ -354,8 +354,9 @@ def run(args):
                 scored = {i: accuracy(method.model, tasks, i, args) for i in range(args.tasks)}
             state["rows"] += rows_at(args, t, scored, state["sizes"], state["train_seconds"],
                                      density, round(clock(), 1))
-            print(f"[GG {args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
-                  f"{state['accs'][t]:.4f}  {state['train_seconds'][t]:.1f}s", flush=True)
+            print(f"{harness.label(args.method, 'GG')} task {t + 1}/{args.tasks}  loss "
+                  f"{loss:.3f}  acc {state['accs'][t]:.4f}  {clock.pace(t + 1, args.tasks)}",
+                  flush=True)
         state.update(method=method.state(), learned=t0 + n)
         harness.checkpoint(args.out, state, clock, write_outputs)
     return harness.finished(state, summary(state["rows"], args.tasks), args.out, True)
@@ -413,7 +414,7 @@ def learn_alone(args, device, sub):
                      size=task_size(method, args.task))
         harness.save_tensors(os.path.join(sub, "model.pt"), task_state(method.model, args.task))
         harness.checkpoint(sub, state, clock, lambda out, state: None)
-    print(f"[GG {args.method}] task {args.task + 1}/{args.tasks} alone  acc {state['acc']:.4f}"
+    print(f"{harness.label(args.method, 'GG')} task {args.task + 1}/{args.tasks} alone  acc {state['acc']:.4f}"
           f"  ({sub})")
     return state
 

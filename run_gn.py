@@ -89,6 +89,14 @@ def get_parser():
     return p
 
 
+def scenario(args):
+    """The run's scenario, as its console, results.csv, folder name and plot.py name it:
+    SupSup's GNu or GNs; a comparison method that infers the task (--infer oneshot) is scored
+    as GNu, one told the task at test time is 'told the task' (the paper's figures label such
+    lines GG)."""
+    return "told the task" if args.infer == "given" else args.scenario
+
+
 def resolve(args, parser):
     """Fill the data-set-dependent defaults and check the flags that depend on each other."""
     comparison = args.method in COMPARISON_METHODS
@@ -111,6 +119,9 @@ def resolve(args, parser):
         allowed = ["given"] + ["oneshot"] * COMPARISON_METHODS[args.method].infers_tasks
     if args.infer not in allowed:
         parser.error(f"--method {args.method} takes --infer {' or '.join(allowed)}")
+    if args.infer == "given" and (args.scenario, args.objective) != ("GNu", "entropy"):
+        parser.error(f"--scenario and --objective are how inferred tasks are scored and found; "
+                     f"--method {args.method} with --infer given is told the task")
     if args.output_size < 10:
         parser.error(f"--output-size {args.output_size} is below the 10 digit classes")
     if args.objective == "g" and args.infer in ("oneshot", "binary") and args.output_size == 10:
@@ -119,9 +130,10 @@ def resolve(args, parser):
         parser.error(f"--infer-examples {args.infer_examples} exceeds --test-batch-size "
                      f"{args.test_batch_size}")
     args.eval_at = sorted({k for k in args.eval_at if k < args.tasks} | {args.tasks})
-    args.out = args.out or harness.default_out(args, "gn-{}-{}-{}-{}{}-{}-{}-T{}-seed{}{}".format(
-        args.method, args.scenario, args.dataset, args.model, args.output_size, args.infer,
-        args.objective, args.tasks, args.seed, "-validation" * args.validation), (
+    inferred = "" if args.infer == "given" else f"-{args.infer}-{args.objective}"
+    args.out = args.out or harness.default_out(args, "gn-{}-{}-{}-{}{}{}-T{}-seed{}{}".format(
+        args.method, scenario(args).replace(" ", "-"), args.dataset, args.model,
+        args.output_size, inferred, args.tasks, args.seed, "-validation" * args.validation), (
         "method", "scenario", "dataset", "model", "output_size", "infer", "objective", "tasks",
         "seed", "validation"))
     return args
@@ -182,7 +194,7 @@ def run_supsup(args, device, dtype):
     with its task inferred. The masks go to masks.bin, a record per task."""
     state = harness.resume(args, device, dict(crcs=[], accs={}, train_seconds=[], probe=[],
                                               hits=None))
-    label = f"{args.scenario} {args.method}"
+    label = harness.label(args.method, scenario(args))
     if state["learned"] == args.tasks:
         write_outputs(args.out, state)
         return harness.finished(state, gn.summary(label, state["rows"], args.tasks), args.out)
@@ -201,7 +213,6 @@ def run_supsup(args, device, dtype):
         harness.read_masks(masks_file, model, state["crcs"])
         print(f"resuming {args.out} after task {state['learned']}")
     clock = harness.Clock(state)
-    session = clock(), state["learned"]  # the ETA counts this session's tasks and seconds
     while state["learned"] < args.tasks:
         t, began = state["learned"], clock()
         stop = min([t + args.parallel] + [e for e in args.eval_at if e > t])
@@ -216,10 +227,8 @@ def run_supsup(args, device, dtype):
             supsup.set_task(model, i)
             state["hits"][i] = tests.hits(model, i).cpu()
             state["accs"][i] = state["hits"][i].sum().item() / len(test_y)  # as evaluate's
-            per_task = (clock() - session[0]) / (i + 1 - session[1])
-            print(f"[{args.scenario}] task {i + 1}/{args.tasks}  loss {loss:.3f}  acc "
-                  f"{state['accs'][i]:.4f}  {per_task:.1f}s/task  eta "
-                  f"{per_task * (args.tasks - i - 1) / 60:.0f}m", flush=True)
+            print(f"{label} task {i + 1}/{args.tasks}  loss {loss:.3f}  acc "
+                  f"{state['accs'][i]:.4f}  {clock.pace(i + 1, args.tasks)}", flush=True)
         state["learned"] = stop
         if stop in args.eval_at:
             began = clock()
@@ -245,7 +254,7 @@ def run_comparison(args, device):
     cls = COMPARISON_METHODS[args.method]
     state = harness.resume(args, device, dict(accs={}, train_seconds=[], probe=[], method=None),
                            facts=cls.facts(args))
-    label = f"{args.scenario} {args.method}"
+    label = harness.label(args.method, scenario(args))
     if state["learned"] == args.tasks:
         write_outputs(args.out, state)
         return harness.finished(state, gn.summary(label, state["rows"], args.tasks), args.out)
@@ -275,13 +284,14 @@ def run_comparison(args, device):
         state["train_seconds"].append(clock() - began)
         x, y = tests.task(t)
         state["accs"][t] = (supsup.predict(method.model, x) == y).float().mean().item()
-        print(f"[{args.method}] task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
-              f"{state['accs'][t]:.4f}  {state['train_seconds'][t]:.1f}s", flush=True)
+        print(f"{label} task {t + 1}/{args.tasks}  loss {loss:.3f}  acc "
+              f"{state['accs'][t]:.4f}  {clock.pace(t + 1, args.tasks)}", flush=True)
         if t + 1 in args.eval_at:
             size = method.bytes(t + 1)  # the same for every row of this point
             for r in evaluate_given(method, tests, t + 1, state["accs"], args.infer == "oneshot"):
-                r.update(scenario=args.scenario, dataset=args.dataset, model=args.model,
-                         method=args.method, infer=args.infer, objective="entropy",
+                r.update(scenario=scenario(args), dataset=args.dataset, model=args.model,
+                         method=args.method, infer=args.infer,
+                         objective="" if args.infer == "given" else args.objective,
                          seed=args.seed, num_learned=t + 1, bytes=size,
                          learned_acc=state["accs"][r["task"]],
                          train_seconds=round(state["train_seconds"][r["task"]], 2),

@@ -24,6 +24,7 @@ import supsup
 from harness import learning_rate, positive_float, positive_int
 from nets import NETS
 
+LABEL = harness.label("supsup", "NNs")  # its console lines, as results.csv says
 COLUMNS = gn.COLUMNS + ["masks"]
 
 
@@ -175,8 +176,8 @@ def run(args):
         loss = sum(losses) / max(len(losses), 1)
         harness.check_finite(loss, task, "--lr")
         state["learned"] = task + 1
-        print(f"[NNs] task {task + 1}/{args.tasks}  masks {state['allocated']}  loss "
-              f"{loss:.3f}", flush=True)
+        print(f"{LABEL} task {task + 1}/{args.tasks}  masks {state['allocated']}  loss "
+              f"{loss:.3f}  {clock.pace(task + 1, args.tasks)}", flush=True)
         if task + 1 in args.eval_at:
             began = clock()
             masks.candidates(state["allocated"])
@@ -240,7 +241,7 @@ def summary(state):
     k = state["learned"]
     at = [r for r in state["rows"] if r["num_learned"] == k]
     mean = {c: sum(r[c] for r in at) / max(len(at), 1) for c in ("acc", "task_acc", "given_acc")}
-    return (f"[NNs] {k} tasks, {state['allocated']} masks: acc {mean['acc']:.4f}  mask-acc "
+    return (f"{LABEL} {k} tasks, {state['allocated']} masks: acc {mean['acc']:.4f}  mask-acc "
             f"{mean['task_acc']:.4f}  own mask {mean['given_acc']:.4f}")
 
 

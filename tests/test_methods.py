@@ -333,5 +333,5 @@ def test_every_continual_method_runs_permuted_mnist_and_stores_what_is_counted(
     assert facts["replays"] == (method in ("er", "agem")) and facts["plasticity"] is False
     if method == "tag":  # the mean alphas of each task: exp(-b) for the task itself
         lines = open(os.path.join(tmp_path, "run", "diagnostics.csv")).read().split()
-        assert lines[0] == "task,tau,alpha" and lines[1] == "0,0,1.0"
+        assert lines[0] == "task,tau,alpha" and lines[1] == "0,0,1.000000"
         assert lines[-1] == f"2,2,{round(math.exp(-5), 6)}"

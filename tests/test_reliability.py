@@ -246,7 +246,7 @@ def test_a_finished_hopsupsup_run_prints_its_summary(tmp_path, capsys):
     rows = hopsupsup.main(argv)
     capsys.readouterr()
     assert hopsupsup.main(argv) == rows
-    assert "[GNu hopsupsup] learned 2:" in capsys.readouterr().out
+    assert "[hopsupsup, GNu] learned 2:" in capsys.readouterr().out
 
 
 def test_gg_task_runs_refuse_other_flags_and_corrupt_checkpoints_and_read_little(

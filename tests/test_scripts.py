@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import gg_data
 import harness
@@ -178,7 +179,8 @@ def test_plot_draws_every_figure_and_the_table(tmp_path):
     curves = plot.read_runs(str(tmp_path / "runs"))
     lenet = {label: len(runs) for (fig, label, _), runs in curves.items()
              if fig == "fig3_permuted_lenet"}
-    assert lenet == {"SupSup (GNu, H), lr=None": 2, "SupSup (GNu, H), lr=0.5": 2, "bp (GG)": 1}
+    assert lenet == {"SupSup (GNu, H), lr default": 2, "SupSup (GNu, H), lr 0.5": 2,
+                     "bp (told the task)": 1}
     imported = subprocess.run([sys.executable, "-c", "import sys, plot; print(sorted(m for m in "
                                "sys.modules if m.split('.')[0] in ('torch', 'methods')))"],
                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -216,3 +218,71 @@ def test_supsup_forgets_nothing_exactly(tmp_path):
         rows = plot.read_csv(str(tmp_path / run / "results.csv"), plot.RESULTS)
         acc, bwt, forgetting, learning = plot.metrics(rows)
         assert bwt == 0.0 and forgetting == 0.0 and acc == learning
+
+
+def test_one_label_per_run_in_console_csv_folder_and_plot(tmp_path, monkeypatch, capsys):
+    """A comparison method told the task is 'told the task' everywhere, not GNu or GG; every
+    float in results.csv has one format."""
+    import plot
+    folder = write_fake_mnist(str(tmp_path / "mnist"))
+    monkeypatch.chdir(tmp_path)  # (the default run folder is under ./runs)
+    run_gn.main(["--method", "ewc", "--tasks", "2", "--steps", "5", "--data", folder,
+                 "--device", DEVICE])
+    console = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("[ewc, told the task] ") for line in console), console
+    (out,) = os.listdir(tmp_path / "runs")
+    assert out.startswith("gn-ewc-told-the-task-permuted-lenet10-T2-seed1"), out
+    assert "entropy" not in out and "given" not in out  # (no objective, no inference)
+    lines = (tmp_path / "runs" / out / "results.csv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+    assert {(r["scenario"], r["method"], r["objective"]) for r in rows} == {
+        ("told the task", "ewc", "")}
+    for r in rows:  # a cell is text, an integer, empty, or a float with 6 decimals
+        for c in ("acc", "given_acc", "learned_acc", "train_seconds", "seconds"):
+            whole, point, decimals = r[c].partition(".")
+            assert whole.isdigit() and point and len(decimals) == 6 and decimals.isdigit(), c
+        assert r["bytes"].isdigit() and r["task_acc"] == ""
+    with open(tmp_path / "runs" / out / "args.json") as f:
+        assert plot.curves_of(json.load(f)) == [("fig3_permuted_lenet", "ewc (told the task)")]
+    assert harness.csv_value(8157 / 10000) == "0.815700" and harness.csv_value(3) == "3"
+    assert harness.csv_value(float(torch.tensor(8157 / 10000))) == "0.815700"  # from fp32
+    with pytest.raises(SystemExit):  # a scoring flag that cannot apply, refused in one line
+        run_gn.main(["--method", "ewc", "--scenario", "GNs", "--data", folder])
+    assert "told the task" in capsys.readouterr().err
+
+
+def test_eta_counts_this_sessions_tasks_only(monkeypatch):
+    now = [5000.0]
+    monkeypatch.setattr(harness.time, "time", lambda: now[0])
+    clock = harness.Clock(dict(seconds=1500.0, learned=100))  # 100 tasks in 1500 s before
+    now[0] += 30  # this session: 3 tasks in 30 s
+    assert clock() == 1530 and clock.pace(103, 163) == "10.0s/task  eta 10m"
+    assert harness.Clock(dict(seconds=0, learned=0)).pace(0, 5) == "0.0s/task  eta 0m"
+
+
+def test_plot_titles_say_what_the_runs_hold_and_axes_do_not_magnify_noise():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import plot
+
+    def run(seed, tasks, learned):
+        return dict(seed=seed), [dict(num_learned=learned)], "folder"
+    one = {("H", 250): [run(1, 250, 250), run(2, 250, 250)], ("ewc", 250): [run(1, 250, 250)]}
+    held, labels = plot.what_runs_hold(one)
+    assert held == "250 tasks, mean and one std over seeds 1,2"
+    assert labels == {("H", 250): "H (2 seeds)", ("ewc", 250): "ewc (1 seeds)"}
+    mixed = {("H", 2500): [run(1, 2500, 500)], ("NNs", 20): [run(1, 20, 20)]}
+    held, labels = plot.what_runs_hold(mixed)  # a run still going: what it has learned
+    assert held == "500 of 2500 tasks learned so far, seed 1"
+    assert labels == {("H", 2500): "H, 2500 tasks", ("NNs", 20): "NNs, 20 tasks"}
+    assert plot.in_words("eval_at", [10, 50, 100, 150, 200]) == "eval at 10,50,...,200"
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [0.9340, 0.9344, 0.9342])
+    plot.steady_ylim(ax)
+    assert ax.get_ylim() == pytest.approx((0.9342 - 0.05, 0.9342 + 0.05), abs=1e-3)
+    near_one = fig.add_subplot()
+    near_one.plot([1, 2], [0.99, 0.995])  # near 1: the span ends at 1
+    plot.steady_ylim(near_one)
+    assert near_one.get_ylim() == pytest.approx((0.9, 1.0))
+    plt.close(fig)

@@ -178,7 +178,7 @@ def test_permuted_mnist_run_forgets_nothing_and_resumes_identically(tmp_path, mo
     assert all(r["given_acc"] == r["learned_acc"] for r in table)  # at the end = right after
     assert table[0]["acc"] == table[1]["acc"]
     log = read_csv(tmp_path / "run" / "diagnostics.csv")
-    assert log[0]["capacity"] == "0.5" and float(log[1]["capacity"]) > 0.5
+    assert log[0]["capacity"] == "0.500000" and float(log[1]["capacity"]) > 0.5
     masks = (784 * 300 + 300 * 100 + 100 * 10) // 8  # all three layers masked, no heads
     assert 2 * masks + 4 * 133100 < rows[-1]["bytes"] <= 2 * masks + 4 * 266200
     resumed = crash_then_resume(monkeypatch, run_gn.main,
