@@ -132,7 +132,9 @@ class UnpackedMasks:
     """U * M_i of one layer's stored masks, [tasks, N] in dtype (times c: W * M_i), the terms
     of the superposition. Task inference reads them again and again, so they are kept
     unpacked (2 or 4 bytes a weight), and a row is unpacked again only when its bits differ
-    from the ones it was unpacked from (NNs retrains masks)."""
+    from the ones it was unpacked from (NNs retrains masks). Beside them, how many of those
+    masks keep each weight (counts), so that the uniform superposition (every NNs check, the
+    first round of one-shot inference) needs no pass over the rows."""
 
     def __init__(self, layer, dtype):
         self.layer, self.dtype, self.c = layer, dtype, constant(layer, dtype)
@@ -140,11 +142,15 @@ class UnpackedMasks:
                                 device=layer.bank.device)
         self.bits = torch.zeros_like(layer.bank)
         self.valid = 0  # rows 0..valid-1 were unpacked once
+        # sum_i M_i over rows 0..valid-1: whole numbers, exact in fp32 up to 2^24 masks
+        self.counts = torch.zeros(layer.weight.numel(), device=layer.bank.device)
 
     def first(self, k):
         """The rows of the first k stored masks, each up to date with the bank."""
         bank, n = self.layer.bank, self.layer.weight.numel()
-        stale = (bank[:k] != self.bits[:k]).any(1)
+        wide = next(t for t in (torch.int64, torch.int32, torch.int16, torch.uint8)
+                    if bank.shape[1] % t.itemsize == 0)  # 8 bytes a compare where they fit
+        stale = (bank[:k].view(wide) != self.bits[:k].view(wide)).any(1)
         stale[self.valid:] = True
         stale = stale.nonzero().flatten()
         if len(stale):  # (most calls: none)
@@ -152,15 +158,30 @@ class UnpackedMasks:
             size = max(1, CHUNK // n)
             for lo in range(0, len(stale), size):
                 part = stale[lo:lo + size]
-                self.rows[part] = supsup.unpack(bank[part], n).to(self.dtype).mul_(u)
+                counted = part[part < self.valid]  # (the others were never counted)
+                if len(counted):
+                    self.counts -= supsup.unpack(self.bits[counted], n).sum(0)
+                new = supsup.unpack(bank[part], n)
+                self.counts += new.sum(0)
+                self.rows[part] = new.to(self.dtype).mul_(u)
             self.bits[stale] = bank[stale]
         self.valid = max(self.valid, k)
         return self.rows[:k]
 
-    def superpose(self, alphas):
+    def superpose(self, alphas, rows):
         """layer.superpose(alphas): W * sum_i alphas[..., i] M_i, fp32, [N] for alphas [k],
-        [D, N] for alphas [D, k]; the product in dtype."""
-        total = alphas.to(self.dtype) @ self.first(alphas.shape[-1])
+        [D, N] for alphas [D, k]; the product in dtype; rows: first(k). For k equal alphas
+        over all the rows unpacked, a alone from the counts: a U times the count, exact in
+        fp32 (a whole number up to 2^12 times an 8-bit bf16 mantissa), rounded once to dtype,
+        as the product rounds it (in bf16 the same bits; in fp32 the same to float
+        rounding)."""
+        k = alphas.shape[-1]
+        if alphas.dim() == 1 and k == self.valid and bool((alphas == alphas[0]).all()):
+            a = alphas[0].to(self.dtype).float()
+            u = unit(self.layer, self.dtype)[0].flatten().float()
+            total = (self.counts * u).mul_(a).to(self.dtype)
+        else:
+            total = alphas.to(self.dtype) @ rows
         return total if self.c == 1 else total.float().mul_(self.c)
 
 
@@ -222,13 +243,15 @@ class Inference:
         memory: the unpacked rows (kept) and a few CHUNKs of activations and gradients."""
         k, step = alphas.shape[-1], self.decision_chunk()
         rows = [m.first(k) for m in self.masks]
-        shared = [m.superpose(alphas) for m in self.masks] if alphas.dim() == 1 else None
+        shared = [m.superpose(alphas, r) for m, r in zip(self.masks, rows)] \
+            if alphas.dim() == 1 else None
         bufs = [torch.empty(min(step, len(x)), m.layer.weight.numel(), dtype=self.dtype,
                             device=x.device)
                 for m in self.masks]  # reused: a fresh 100 MB buffer costs ms in page faults
         g = torch.zeros(len(x), k, device=x.device)
         for i in range(0, len(x), step):
-            superposed = shared or [m.superpose(alphas[i:i + step]) for m in self.masks]
+            superposed = shared or [m.superpose(alphas[i:i + step], r)
+                                    for m, r in zip(self.masks, rows)]
             layer_io = inputs_and_deltas(self.model, x[i:i + step], weights[i:i + step],
                                          superposed, objective)
             for m, masked, buf, (inputs, deltas) in zip(self.masks, rows, bufs, layer_io):

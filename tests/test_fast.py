@@ -151,7 +151,20 @@ def test_unpacked_masks_follow_the_bank_exactly_in_both_precisions():
         assert rows.dtype == dtype and torch.equal(rows.float() * c, reference(4))
         m.bank[2] = ~m.bank[2]  # a mask that changed (as NNs retrains one) ...
         learned_model(net, 1)  # ... and a new one
-        assert torch.equal(unpacked.first(5).float() * c, reference(5))
+        rows = unpacked.first(5)
+        assert torch.equal(rows.float() * c, reference(5))
+        # the uniform superposition from the counts: what the product gives, bit for bit in
+        # bf16 (the counts are whole numbers), to rounding in fp32
+        assert torch.equal(unpacked.counts, m.stored_masks(0, 5).sum(0))
+        uniform = torch.full((5,), 1 / 5)
+        product = (uniform.to(dtype) @ rows).float() * c
+        counted = unpacked.superpose(uniform, rows)
+        if dtype == BF16:
+            assert torch.equal(counted, product)
+        else:
+            assert torch.allclose(counted, product, rtol=1e-6, atol=0)
+        tilted = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.2])  # not uniform: the product itself
+        assert torch.equal(unpacked.superpose(tilted, rows), (tilted.to(dtype) @ rows).float() * c)
         m.bank[2] = ~m.bank[2]
         m.num_learned -= 1
 
