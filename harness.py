@@ -502,8 +502,9 @@ def open_run(out, args, device, keys=("args",), outputs=("results.csv",), facts=
         if found:
             raise UserError(f"{out} has {found[0]} but no ckpt.pt to resume from; pass another "
                             "--out (or delete the folder to start over)")
+        # (the thread count orders a dense method's float sums: its numbers depend on it)
         env = dict(torch=torch.__version__, device_name=device_name(device),
-                   started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                   threads=torch.get_num_threads(), started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         if facts is not None:
             env["method_facts"] = facts
         write_atomic(os.path.join(out, "args.json"),

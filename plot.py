@@ -139,7 +139,7 @@ def read_csv(path, types):
 # the arguments (and args.json entries) in which the runs of one curve may differ (eval_at
 # says where a curve is sampled, and follows --tasks)
 NOT_A_CURVE = ("seed", "data", "device", "out", "workers", "given", "torch", "device_name",
-               "started", "method_facts", "eval_at")
+               "threads", "started", "method_facts", "eval_at")
 
 
 def in_words(flag, value):
