@@ -143,11 +143,11 @@ NOT_A_CURVE = ("seed", "data", "device", "out", "workers", "given", "torch", "de
 
 
 def in_words(flag, value):
-    """A flag that tells curves apart, as a legend says it: 'lr 0.5', 'lr default'."""
+    """A flag that tells curves apart, as a legend says it: 'lr 0.5', 'zoo-b default'."""
     if isinstance(value, list):
         value = ",".join(map(str, value)) if len(value) <= 4 else \
             f"{value[0]},{value[1]},...,{value[-1]}"
-    return f"{flag.replace('_', ' ')} {'default' if value is None else value}"
+    return f"{flag.replace('_', '-')} {'default' if value is None else value}"
 
 
 def read_runs(root):
@@ -322,7 +322,10 @@ def draw(figure, curves, out):
         ax.set(xscale="log", xlabel="total bytes", ylabel="mean accuracy")
     elif figure == "fig7_hopsupsup":
         ax.set(xlabel="recovery step (test batch of 64)", ylabel="Hamming distance to the mask")
-    else:  # (GG runs score every task at the end only: before it, the newest task)
+    elif figure.startswith("tag_"):  # GG runs score every task at the end only
+        ax.set(xlabel="number of tasks learned",
+               ylabel="mean accuracy (before the last task: the newest task's)")
+    else:
         ax.set(xlabel="number of tasks learned", ylabel="mean accuracy")
         ax.xaxis.get_major_locator().set_params(integer=True)
     if figure != "fig7_hopsupsup":

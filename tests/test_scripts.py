@@ -276,7 +276,7 @@ def test_plot_titles_say_what_the_runs_hold_and_axes_do_not_magnify_noise():
     held, labels = plot.what_runs_hold(mixed)  # a run still going: what it has learned
     assert held == "500 of 2500 tasks learned so far, seed 1"
     assert labels == {("H", 2500): "H, 2500 tasks", ("NNs", 20): "NNs, 20 tasks"}
-    assert plot.in_words("eval_at", [10, 50, 100, 150, 200]) == "eval at 10,50,...,200"
+    assert plot.in_words("eval_at", [10, 50, 100, 150, 200]) == "eval-at 10,50,...,200"
     fig, ax = plt.subplots()
     ax.plot([1, 2, 3], [0.9340, 0.9344, 0.9342])
     plot.steady_ylim(ax)
