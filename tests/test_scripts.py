@@ -286,3 +286,19 @@ def test_plot_titles_say_what_the_runs_hold_and_axes_do_not_magnify_noise():
     plot.steady_ylim(near_one)
     assert near_one.get_ylim() == pytest.approx((0.9, 1.0))
     plt.close(fig)
+
+
+def test_the_results_folder_redraws_the_committed_figures_and_their_rows(tmp_path):
+    """results/ holds the runs behind committed figures: plot.py draws each of its figures
+    where figures/ has one, and their rows of figures/results.md are what it computes."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed")
+    import plot
+    written = plot.main([os.path.join(ROOT, "results"), "--out", str(tmp_path)])
+    drawn = {os.path.basename(p)[:-4] for p in written if p.endswith(".png")}
+    assert drawn and all(os.path.exists(os.path.join(ROOT, "figures", f + ".png")) for f in drawn)
+    rows = [line for line in (tmp_path / "results.md").read_text().splitlines()[2:]]
+    committed = open(os.path.join(ROOT, "figures", "results.md")).read().splitlines()
+    assert rows and all(line in committed for line in rows)
+    for figure in drawn:  # every committed row of these figures comes from results/
+        assert sorted(r for r in committed if r.startswith(f"| {figure} |")) == sorted(
+            r for r in rows if r.startswith(f"| {figure} |"))
