@@ -328,6 +328,7 @@ def draw(figure, curves, out):
     else:
         ax.set(xlabel="number of tasks learned", ylabel="mean accuracy")
         ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlim(left=0)  # (a run scored once is a point, not a zoom onto its x)
     if figure != "fig7_hopsupsup":
         steady_ylim(ax)
     handles, labels = ax.get_legend_handles_labels()
