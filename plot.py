@@ -322,11 +322,9 @@ def draw(figure, curves, out):
         ax.set(xscale="log", xlabel="total bytes", ylabel="mean accuracy")
     elif figure == "fig7_hopsupsup":
         ax.set(xlabel="recovery step (test batch of 64)", ylabel="Hamming distance to the mask")
-    elif figure.startswith("tag_"):  # GG runs score every task at the end only
-        ax.set(xlabel="number of tasks learned",
-               ylabel="mean accuracy (before the last task: the newest task's)")
-    else:
-        ax.set(xlabel="number of tasks learned", ylabel="mean accuracy")
+    else:  # (GG runs, TAG's protocol, score every task at the end only)
+        ax.set(xlabel="number of tasks learned", ylabel="mean accuracy" + (
+            " (before the last task: the newest task's)" if figure.startswith("tag_") else ""))
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlim(left=0)  # (a run scored once is a point, not a zoom onto its x)
     if figure != "fig7_hopsupsup":

@@ -303,7 +303,8 @@ def rows_at(args, t, accs, sizes, train_seconds, density, seconds):
 
 def summary(rows, k):
     at = [r for r in rows if r["num_learned"] == k]
-    return f"{harness.label(rows[0]['method'], 'GG')} learned {k}: acc {np.mean([r['acc'] for r in at]):.4f}"
+    return (f"{harness.label(rows[0]['method'], 'GG')} learned {k}: acc "
+            f"{np.mean([r['acc'] for r in at]):.4f}")
 
 
 def setup(args, device):
@@ -414,8 +415,8 @@ def learn_alone(args, device, sub):
                      size=task_size(method, args.task))
         harness.save_tensors(os.path.join(sub, "model.pt"), task_state(method.model, args.task))
         harness.checkpoint(sub, state, clock, lambda out, state: None)
-    print(f"{harness.label(args.method, 'GG')} task {args.task + 1}/{args.tasks} alone  acc {state['acc']:.4f}"
-          f"  ({sub})")
+    print(f"{harness.label(args.method, 'GG')} task {args.task + 1}/{args.tasks} alone  acc "
+          f"{state['acc']:.4f}  ({sub})")
     return state
 
 

@@ -189,7 +189,8 @@ def test_modelzoo_runs_permuted_mnist_resumes_and_stores_what_is_counted(tmp_pat
     assert rows[-1]["bytes"] == 2 * 4 * params + 2 * 512 * (784 + 3)
     lines = open(os.path.join(tmp_path, "run", "diagnostics.csv")).read().split()
     assert lines[0] == "round,task,p,drawn,learners,loss"
-    assert [ln.rsplit(",", 1)[0] for ln in lines[1:]] == ["0,0,,1,1", "1,0,1.000000,1,2", "1,1,,1,1"]
+    assert [ln.rsplit(",", 1)[0] for ln in lines[1:]] == ["0,0,,1,1", "1,0,1.000000,1,2",
+                                                          "1,1,,1,1"]
     resumed = crash_then_resume(monkeypatch, run_gn.main, argv[:3] + [str(tmp_path / "cut")]
                                 + argv[4:])
     assert timeless(resumed) == timeless(rows)
