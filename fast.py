@@ -138,6 +138,7 @@ class UnpackedMasks:
 
     def __init__(self, layer, dtype):
         self.layer, self.dtype, self.c = layer, dtype, constant(layer, dtype)
+        self.unit = unit(layer, dtype)[0].flatten()  # U (W is fixed)
         self.rows = torch.empty(len(layer.bank), layer.weight.numel(), dtype=dtype,
                                 device=layer.bank.device)
         self.bits = torch.zeros_like(layer.bank)
@@ -154,7 +155,6 @@ class UnpackedMasks:
         stale[self.valid:] = True
         stale = stale.nonzero().flatten()
         if len(stale):  # (most calls: none)
-            u = unit(self.layer, self.dtype)[0].flatten()
             size = max(1, CHUNK // n)
             for lo in range(0, len(stale), size):
                 part = stale[lo:lo + size]
@@ -163,7 +163,7 @@ class UnpackedMasks:
                     self.counts -= supsup.unpack(self.bits[counted], n).sum(0)
                 new = supsup.unpack(bank[part], n)
                 self.counts += new.sum(0)
-                self.rows[part] = new.to(self.dtype).mul_(u)
+                self.rows[part] = new.to(self.dtype).mul_(self.unit)
             self.bits[stale] = bank[stale]
         self.valid = max(self.valid, k)
         return self.rows[:k]
@@ -178,8 +178,7 @@ class UnpackedMasks:
         k = alphas.shape[-1]
         if alphas.dim() == 1 and k == self.valid and bool((alphas == alphas[0]).all()):
             a = alphas[0].to(self.dtype).float()
-            u = unit(self.layer, self.dtype)[0].flatten().float()
-            total = (self.counts * u).mul_(a).to(self.dtype)
+            total = (self.counts * self.unit.float()).mul_(a).to(self.dtype)
         else:
             total = alphas.to(self.dtype) @ rows
         return total if self.c == 1 else total.float().mul_(self.c)

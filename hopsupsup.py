@@ -23,7 +23,8 @@ import harness
 import supsup
 from harness import learning_rate, positive_int, strength
 
-LABEL = harness.label("hopsupsup", "GNu")  # its console lines, as results.csv says
+SCENARIO = "GNu"  # results.csv's scenario, and in its console lines (LABEL)
+LABEL = harness.label("hopsupsup", SCENARIO)
 
 
 def binary_mask(scores):
@@ -232,7 +233,7 @@ def run(args):
             size = sum(m.bank[:t + 1].numel() // 8 + 4 * m.psi.numel()  # mask bits, psi
                        for m in neuron_masks(model))
             for r in evaluate(model, test_x, test_y, args, state["log"]):
-                r.update(scenario="GNu", dataset="splitmnist", model="bnnet",
+                r.update(scenario=SCENARIO, dataset="splitmnist", model="bnnet",
                          method="hopsupsup", infer="hopfield", objective="entropy",
                          seed=args.seed,
                          num_learned=t + 1, train_seconds="", bytes=size, learned_acc="",

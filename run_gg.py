@@ -39,6 +39,7 @@ PAPER = {  # the paper's settings (Sec. 4.1); SplitMNIST and PermutedMNIST are n
 }
 COMPARISON_METHODS = methods.for_harness("gg")  # {name: class}
 METHODS = ("supsup", "supsup-transfer", *COMPARISON_METHODS)
+SCENARIO = "GG"  # results.csv's scenario, and in its console lines
 COLUMNS = ("scenario,dataset,model,method,sparsity,density,seed,num_learned,task,acc,"
            "bytes,paper_bytes,train_seconds,seconds").split(",")
 
@@ -294,7 +295,7 @@ def rows_at(args, t, accs, sizes, train_seconds, density, seconds):
     last task every task again (accs: task -> accuracy; sizes: (bytes, paper_bytes) per task)."""
     tasks = [t] if t + 1 < args.tasks else range(args.tasks)
     sparsity = args.sparsity if args.method in ("supsup", "supsup-transfer") else ""
-    return [dict(scenario="GG", dataset=args.dataset, model=args.model, method=args.method,
+    return [dict(scenario=SCENARIO, dataset=args.dataset, model=args.model, method=args.method,
                  sparsity=sparsity, density=round(density, 6), seed=args.seed,
                  num_learned=t + 1, task=i, acc=accs[i], bytes=sum(s[0] for s in sizes[:t + 1]),
                  paper_bytes=sum(s[1] for s in sizes[:t + 1]), train_seconds=train_seconds[i],
@@ -303,7 +304,7 @@ def rows_at(args, t, accs, sizes, train_seconds, density, seconds):
 
 def summary(rows, k):
     at = [r for r in rows if r["num_learned"] == k]
-    return (f"{harness.label(rows[0]['method'], 'GG')} learned {k}: acc "
+    return (f"{harness.label(rows[0]['method'], rows[0]['scenario'])} learned {k}: acc "
             f"{np.mean([r['acc'] for r in at]):.4f}")
 
 
@@ -355,7 +356,7 @@ def run(args):
                 scored = {i: accuracy(method.model, tasks, i, args) for i in range(args.tasks)}
             state["rows"] += rows_at(args, t, scored, state["sizes"], state["train_seconds"],
                                      density, round(clock(), 1))
-            print(f"{harness.label(args.method, 'GG')} task {t + 1}/{args.tasks}  loss "
+            print(f"{harness.label(args.method, SCENARIO)} task {t + 1}/{args.tasks}  loss "
                   f"{loss:.3f}  acc {state['accs'][t]:.4f}  {clock.pace(t + 1, args.tasks)}",
                   flush=True)
         state.update(method=method.state(), learned=t0 + n)
@@ -415,7 +416,7 @@ def learn_alone(args, device, sub):
                      size=task_size(method, args.task))
         harness.save_tensors(os.path.join(sub, "model.pt"), task_state(method.model, args.task))
         harness.checkpoint(sub, state, clock, lambda out, state: None)
-    print(f"{harness.label(args.method, 'GG')} task {args.task + 1}/{args.tasks} alone  acc "
+    print(f"{harness.label(args.method, SCENARIO)} task {args.task + 1}/{args.tasks} alone  acc "
           f"{state['acc']:.4f}  ({sub})")
     return state
 

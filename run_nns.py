@@ -24,7 +24,8 @@ import supsup
 from harness import learning_rate, positive_float, positive_int
 from nets import NETS
 
-LABEL = harness.label("supsup", "NNs")  # its console lines, as results.csv says
+SCENARIO = "NNs"  # results.csv's scenario, and in its console lines (LABEL)
+LABEL = harness.label("supsup", SCENARIO)
 COLUMNS = gn.COLUMNS + ["masks"]
 
 
@@ -187,7 +188,7 @@ def run(args):
             rows = tests.evaluate(model, inference, trained_most, 1, supsup.entropy, False,
                                   False, None)  # one image decides; scored as GNs
             for r in rows:
-                r.update(scenario="NNs", dataset="permuted", model=args.model, method="supsup",
+                r.update(scenario=SCENARIO, dataset="permuted", model=args.model, method="supsup",
                          infer="oneshot", objective="entropy", seed=args.seed,
                          num_learned=task + 1, masks=state["allocated"], train_seconds="",
                          learned_acc="", bytes=gn.mask_bytes(model, state["allocated"]),
