@@ -326,7 +326,9 @@ def draw(figure, curves, out):
         ax.set(xlabel="number of tasks learned", ylabel="mean accuracy" + (
             " (before the last task: the newest task's)" if figure.startswith("tag_") else ""))
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlim(left=0)  # (a run scored once is a point, not a zoom onto its x)
+        # from 0 (a run scored once is a point, not a zoom onto its x) to the tasks the runs
+        # will have learned (a run still going shows how far it has come)
+        ax.set_xlim(0, 1.05 * max(t for _, t in curves))
     if figure != "fig7_hopsupsup":
         steady_ylim(ax)
     handles, labels = ax.get_legend_handles_labels()
