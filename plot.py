@@ -229,6 +229,12 @@ def steady_ylim(ax, span=0.1):
         ax.set_ylim(mid - span / 2, mid + span / 2)
 
 
+def tasks_xlim(ax, curves):
+    """A tasks axis from 0 (a run scored once is a point, not a zoom onto its x) to the tasks
+    the runs will have learned (a run still going shows how far it has come)."""
+    ax.set_xlim(0, 1.05 * max(t for _, t in curves))
+
+
 def what_runs_hold(curves):
     """The title's second line: the tasks and seeds of a figure's runs; and the legend label of
     each curve, which adds its tasks or seeds only where the curves differ in them."""
@@ -326,9 +332,7 @@ def draw(figure, curves, out):
         ax.set(xlabel="number of tasks learned", ylabel="mean accuracy" + (
             " (before the last task: the newest task's)" if figure.startswith("tag_") else ""))
         ax.xaxis.get_major_locator().set_params(integer=True)
-        # from 0 (a run scored once is a point, not a zoom onto its x) to the tasks the runs
-        # will have learned (a run still going shows how far it has come)
-        ax.set_xlim(0, 1.05 * max(t for _, t in curves))
+        tasks_xlim(ax, curves)
     if figure != "fig7_hopsupsup":
         steady_ylim(ax)
     handles, labels = ax.get_legend_handles_labels()

@@ -285,6 +285,10 @@ def test_plot_titles_say_what_the_runs_hold_and_axes_do_not_magnify_noise():
     near_one.plot([1, 2], [0.99, 0.995])  # near 1: the span ends at 1
     plot.steady_ylim(near_one)
     assert near_one.get_ylim() == pytest.approx((0.9, 1.0))
+    going = fig.add_subplot()
+    going.plot([10, 500], [0.935, 0.934])  # 500 of 2500 tasks: the axis shows the way to go
+    plot.tasks_xlim(going, mixed)
+    assert going.get_xlim() == pytest.approx((0, 2625))
     plt.close(fig)
 
 
