@@ -137,8 +137,9 @@ class UnpackedMasks:
     first round of one-shot inference) needs no pass over the rows."""
 
     def __init__(self, layer, dtype):
-        self.layer, self.dtype, self.c = layer, dtype, constant(layer, dtype)
-        self.unit = unit(layer, dtype)[0].flatten()  # U (W is fixed)
+        self.layer, self.dtype = layer, dtype
+        u, self.c = unit(layer, dtype)  # W = c U (W is fixed: computed once)
+        self.unit = u.flatten()
         self.rows = torch.empty(len(layer.bank), layer.weight.numel(), dtype=dtype,
                                 device=layer.bank.device)
         self.bits = torch.zeros_like(layer.bank)
