@@ -237,10 +237,12 @@ def tasks_xlim(ax, curves):
 
 def what_runs_hold(curves):
     """The title's second line: the tasks and seeds of a figure's runs; and the legend label of
-    each curve, which adds its tasks or seeds only where the curves differ in them."""
+    each curve, which adds its tasks or seeds only where the curves differ in them, and how far
+    it has come where it is still going beside others."""
     tasks = {t for _, t in curves}
-    learned = {max(r["num_learned"] for r in rows) for runs in curves.values()
-               for _, rows, _ in runs}  # (a run still going has learned fewer)
+    learned_by = {key: max(r["num_learned"] for _, rows, _ in runs for r in rows)
+                  for key, runs in curves.items()}  # (a run still going has learned fewer)
+    learned = set(learned_by.values())
     seeds = {r[0].get("seed") for runs in curves.values() for r in runs}
     per_curve = {key: len({r[0].get("seed") for r in runs}) for key, runs in curves.items()}
     held = (f"{max(tasks)} tasks" if len(tasks) == 1 else f"{min(tasks)} to {max(tasks)} tasks")
@@ -248,7 +250,10 @@ def what_runs_hold(curves):
         held = f"{max(learned)} of {max(tasks)} tasks learned so far"
     held += (f", seed {seeds.pop()}" if len(seeds) == 1 else
              f", mean and one std over seeds {','.join(map(str, sorted(seeds, key=str)))}")
-    labels = {(label, t): label + (f", {t} tasks" if len(tasks) > 1 else "")
+    going = {key for key, k in learned_by.items() if k < key[1]} if len(curves) > 1 else set()
+    labels = {(label, t): label + (f", {learned_by[label, t]} of {t} tasks so far"
+                                   if (label, t) in going else
+                                   f", {t} tasks" if len(tasks) > 1 else "")
               + (f" ({per_curve[label, t]} seeds)" if len(set(per_curve.values())) > 1 else "")
               for label, t in curves}
     return held, labels

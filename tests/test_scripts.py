@@ -275,7 +275,11 @@ def test_plot_titles_say_what_the_runs_hold_and_axes_do_not_magnify_noise():
     mixed = {("H", 2500): [run(1, 2500, 500)], ("NNs", 20): [run(1, 20, 20)]}
     held, labels = plot.what_runs_hold(mixed)  # a run still going: what it has learned
     assert held == "500 of 2500 tasks learned so far, seed 1"
-    assert labels == {("H", 2500): "H, 2500 tasks", ("NNs", 20): "NNs, 20 tasks"}
+    assert labels == {("H", 2500): "H, 500 of 2500 tasks so far", ("NNs", 20): "NNs, 20 tasks"}
+    fig4 = {("GNu", 2500): [run(1, 2500, 2500)], ("NNs", 2500): [run(1, 2500, 1500)]}
+    held, labels = plot.what_runs_hold(fig4)  # one curve done, one still going
+    assert held == "2500 tasks, seed 1"
+    assert labels == {("GNu", 2500): "GNu", ("NNs", 2500): "NNs, 1500 of 2500 tasks so far"}
     assert plot.in_words("eval_at", [10, 50, 100, 150, 200]) == "eval-at 10,50,...,200"
     fig, ax = plt.subplots()
     ax.plot([1, 2, 3], [0.9340, 0.9344, 0.9342])
