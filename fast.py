@@ -227,10 +227,9 @@ SPARSE = 0.25  # an input that is its common value in at least 3/4 of places goe
 
 
 def common_value(x):
-    """(v, the fraction of x's entries that are not v), v the most common value of x's first
-    rows: MNIST's black pixel (about 81% of an image), or 0 after a ReLU."""
-    v = x[:64].flatten().mode().values
-    return v, float((x != v).float().mean())
+    """The most common value of x's first rows: MNIST's black pixel (about 81% of an image),
+    or 0 after a ReLU."""
+    return x[:64].flatten().mode().values
 
 
 def column_grads(x, delta, rows, sums, v, dtype):
@@ -302,7 +301,8 @@ class Inference:
                             device=x.device)
                 for m in self.masks]  # reused: a fresh 100 MB buffer costs ms in page faults
         g = torch.zeros(len(x), k, device=x.device)
-        by_columns = [[] for _ in self.masks]  # (first decision, inputs, deltas) of chunks
+        by_columns = [[] for _ in self.masks]  # (inputs, deltas) of the chunks from the
+        # first sparse one on (the decisions from it to the last)
         for i in range(0, len(x), step):
             superposed = shared or [m.superpose(alphas[i:i + step], r)
                                     for m, r in zip(self.masks, rows)]
@@ -310,9 +310,9 @@ class Inference:
                                          superposed, objective)
             for m, masked, buf, chunks, (inputs, deltas) in zip(self.masks, rows, bufs,
                                                                 by_columns, layer_io):
-                if m.shape is not None and inputs.shape[1] == 1 and (
-                        chunks or common_value(inputs)[1] <= SPARSE):
-                    chunks.append((i, inputs[:, 0], deltas[:, 0]))
+                if m.shape is not None and inputs.shape[1] == 1 and (chunks or float(
+                        (inputs != common_value(inputs)).float().mean()) <= SPARSE):
+                    chunks.append((inputs[:, 0], deltas[:, 0]))
                     continue
                 grads = decision_grads(m.layer, inputs.to(self.dtype), deltas.to(self.dtype),
                                        buf[:len(inputs)])
@@ -320,12 +320,9 @@ class Inference:
                 g[i:i + len(grads)] += part if m.c == 1 else part.float().mul_(m.c)
         for m, masked, chunks in zip(self.masks, rows, by_columns):
             if chunks:
-                at = torch.cat([torch.arange(i, i + len(xs), device=x.device)
-                                for i, xs, _ in chunks])
-                xs, ds = torch.cat([c[1] for c in chunks]), torch.cat([c[2] for c in chunks])
-                part = column_grads(xs, ds, masked, m.sums[:k], common_value(xs[:64])[0],
-                                    self.dtype)
-                g.index_add_(0, at, part if m.c == 1 else part.mul_(m.c))
+                xs, ds = (torch.cat(c) for c in zip(*chunks))
+                part = column_grads(xs, ds, masked, m.sums[:k], common_value(xs), self.dtype)
+                g[len(x) - len(xs):] += part if m.c == 1 else part.mul_(m.c)
         return g
 
     def infer_tasks(self, x, weights, objective, binary=False):

@@ -242,12 +242,12 @@ def what_runs_hold(curves):
     tasks = {t for _, t in curves}
     learned_by = {key: max(r["num_learned"] for _, rows, _ in runs for r in rows)
                   for key, runs in curves.items()}  # (a run still going has learned fewer)
-    learned = set(learned_by.values())
+    learned = max(learned_by.values())
     seeds = {r[0].get("seed") for runs in curves.values() for r in runs}
     per_curve = {key: len({r[0].get("seed") for r in runs}) for key, runs in curves.items()}
     held = (f"{max(tasks)} tasks" if len(tasks) == 1 else f"{min(tasks)} to {max(tasks)} tasks")
-    if max(learned) < max(tasks):
-        held = f"{max(learned)} of {max(tasks)} tasks learned so far"
+    if learned < max(tasks):
+        held = f"{learned} of {max(tasks)} tasks learned so far"
     held += (f", seed {seeds.pop()}" if len(seeds) == 1 else
              f", mean and one std over seeds {','.join(map(str, sorted(seeds, key=str)))}")
     going = {key for key, k in learned_by.items() if k < key[1]} if len(curves) > 1 else set()
