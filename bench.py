@@ -53,7 +53,7 @@ def train_ms_per_step(name, device, steps, parallel=1, reps=3, dtype=torch.float
     RMSprop, batch gather and permutation), the products in dtype: best of reps, in ms per
     step of one task."""
     model = NETS[name](gn.OUTPUT_SIZE[name], num_tasks=2 * parallel, seed=1).to(device)
-    x = torch.randn(60000, 785, device=device).to(dtype)
+    x = torch.randn(60000, 785, device=device)
     y = torch.randint(0, 10, (60000,), device=device)
     pix = torch.stack([torch.randperm(784, device=device) for _ in range(parallel)])
 
@@ -61,7 +61,8 @@ def train_ms_per_step(name, device, steps, parallel=1, reps=3, dtype=torch.float
         if supsup.num_learned(model) == 2 * parallel:  # bank full: start over (timing only)
             for m in supsup.masked_layers(model):
                 m.num_learned = 0
-        gn.train_tasks(model, x, y, pix, seed=1, lr=1e-4, batch_size=128, steps=steps)
+        gn.train_tasks(model, x, y, pix, seed=1, lr=1e-4, batch_size=128, steps=steps,
+                       dtype=dtype)
     return 1e3 * seconds(tasks, device, reps) / steps / parallel
 
 

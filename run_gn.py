@@ -199,7 +199,6 @@ def run_supsup(args, device, dtype):
         write_outputs(args.out, state)
         return harness.finished(state, gn.summary(label, state["rows"], args.tasks), args.out)
     train_x, train_y, test_x, test_y = load_data(args, device)
-    train_x = train_x.to(dtype)  # (bf16: half the bytes to gather)
     tests = gn.TestSets(test_x, test_y, data.PIXEL_MAPS[args.dataset], args.seed,
                         args.test_batch_size)
     model = NETS[args.model](args.output_size, args.tasks, args.seed).to(device)
@@ -219,7 +218,7 @@ def run_supsup(args, device, dtype):
         pix = torch.stack([data.PIXEL_MAPS[args.dataset](args.seed, i).to(device)
                            for i in range(t, stop)])
         loss = gn.train_tasks(model, train_x, train_y, pix, args.seed, args.lr, args.batch_size,
-                              args.steps)
+                              args.steps, dtype)
         harness.check_finite(loss, t, "--lr")
         state["train_seconds"] += [(clock() - began) / (stop - t)] * (stop - t)
         state["crcs"][t:] = harness.append_masks(masks_file, model, t, stop)

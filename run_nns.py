@@ -11,6 +11,7 @@ mask trains on (RMSprop 1e-4, masks kept as float scores so that a reused mask k
 learning). Evaluation as in GNs with shared labels: one image per test batch infers the mask
 that then scores the batch. README.md has our numbers.
 """
+import itertools
 import os
 
 import torch
@@ -143,7 +144,6 @@ def run(args):
     if state["learned"] == args.tasks:
         return harness.finished(state, summary(state), args.out)
     train_x, train_y, test_x, test_y = data.load_mnist(args.data, device)
-    train_x = train_x.to(dtype)  # (bf16: half the bytes to gather)
     tests = gn.TestSets(test_x, test_y, data.permutation, args.seed, args.test_batch_size)
     model = NETS[args.model](args.output_size, slots, args.seed).to(device)
     masks, inference = Masks(model, args.seed), fast.Inference(model, dtype)
@@ -156,12 +156,11 @@ def run(args):
     while state["learned"] < args.tasks:
         task = state["learned"]
         pix = data.permutation(args.seed, task).to(device)
-        order = data.train_batches(len(train_x), args.batch_size, args.steps, args.seed, task,
-                                   device)
+        stream = gn.task_batches(train_x, train_y, pix[None], task, args.seed, args.batch_size,
+                                 args.steps)  # the task's batches, as run_gn.py's
         opts, losses = {}, []  # a fresh RMSprop per 1000 steps for each mask, as the original
         for w in range(0, args.steps, args.check_every):
-            batches = [(train_x.index_select(0, b).index_select(1, pix), train_y[b])
-                       for b in order[w:w + args.check_every]]
+            batches = [(x[0], y[0]) for x, y in itertools.islice(stream, args.check_every)]
             i, new = choose(masks, inference, batches[0][0].float(), state["allocated"], args)
             if new:
                 if state["allocated"] == args.budget:

@@ -261,6 +261,18 @@ def test_rotation_maps():
     assert r45[0] == 784 and r45[28 * 14 + 14] != 784
 
 
+def test_task_batches_are_each_tasks_images_through_its_own_pixel_map():
+    x, y = torch.randn(300, 785), torch.randint(0, 10, (300,))
+    pix = torch.stack([data.permutation(1, 4), data.rotation(1, 7)])  # 7: reads the fill, 784
+    batches = list(gn.task_batches(x, y, pix, 4, 1, 64, 7))  # 7 x 64 > 300: a second epoch
+    assert len(batches) == 7
+    for i in range(2):
+        order = data.train_batches(300, 64, 7, 1, 4 + i, "cpu")  # task 4 + i's own order
+        for (bx, by), idx in zip(batches, order):
+            assert bx.shape == (2, 64, 784) and by.shape == (2, 64)
+            assert torch.equal(bx[i], x[idx][:, pix[i]]) and torch.equal(by[i], y[idx])
+
+
 def test_rotation_equals_pil_rotate():
     imgs = np.random.default_rng(0).integers(1, 256, (4, 28, 28)).astype(np.uint8)
     for t in range(36):
