@@ -121,7 +121,10 @@ class RMSprop(torch.optim.Optimizer):
             lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
             for p in group["params"]:
                 if p.grad is not None:
-                    v = self.state[p].setdefault("square_avg", torch.zeros_like(p))
+                    state = self.state[p]
+                    if "square_avg" not in state:  # (not setdefault: no zeros every step)
+                        state["square_avg"] = torch.zeros_like(p)
+                    v = state["square_avg"]
                     v.mul_(alpha).addcmul_(p.grad, p.grad, value=1 - alpha)
                     p.addcdiv_(p.grad, v.sqrt().add_(eps), value=-lr)
 
