@@ -161,7 +161,7 @@ def run(args):
         opts, losses = {}, []  # a fresh RMSprop per 1000 steps for each mask, as the original
         for w in range(0, args.steps, args.check_every):
             batches = [(x[0], y[0]) for x, y in itertools.islice(stream, args.check_every)]
-            i, new = choose(masks, inference, batches[0][0].float(), state["allocated"], args)
+            i, new = choose(masks, inference, batches[0][0], state["allocated"], args)
             if new:
                 if state["allocated"] == args.budget:
                     continue  # the budget is spent: this window trains nothing
